@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up .venv on its own.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: any other route lets pip choose a CUDA build of several GB.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[demo,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/gradwatch demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) gradwatch-runs
