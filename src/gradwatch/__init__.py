@@ -1,0 +1,28 @@
+"""gradwatch: find, explain and fix vanishing and exploding gradients in neural-network training.
+
+    import gradwatch as gw
+    with gw.watch(model, optimizer, out="runs/exp1") as w:
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+            w.log(loss=loss)
+    run = gw.load_run("runs/exp1")
+"""
+
+from .errors import GradwatchError, RunDirError
+from .store import LAYER_METRICS, STEP_METRICS, LayerInfo, Run, load_run
+from .watch import Watch, watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradwatchError",
+    "LAYER_METRICS",
+    "LayerInfo",
+    "Run",
+    "RunDirError",
+    "STEP_METRICS",
+    "Watch",
+    "load_run",
+    "watch",
+]

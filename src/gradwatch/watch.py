@@ -1,0 +1,366 @@
+"""`gradwatch.watch`: attach to a PyTorch training loop, record, detach.
+
+A :class:`Watch` owns one run directory and one probe per optimizer (a *stream*). It hooks each
+optimizer's step (``register_step_pre_hook`` / ``register_step_post_hook``); the runner instead
+drives the same entry points from torch's global optimizer hooks.
+
+Never lose the record: the final partial window is flushed on normal exit, on an exception leaving
+the ``with`` block, at interpreter exit (``atexit``) and on SIGTERM (turned into ``SystemExit`` so the
+same paths run). A SIGKILL loses at most the steps since the last flush.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+import weakref
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import GradwatchError
+from .probe.torch import ProbeConfig, TorchProbe, build_layer_table
+from .store import Chunk, LayerInfo, RunWriter, StreamWriter, load_run
+
+DEFAULT_ROOT = "gradwatch-runs"
+
+
+def default_out(name: str = "run") -> Path:
+    """``gradwatch-runs/NAME-YYYYmmdd-HHMMSS`` (with a suffix if that exists already)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(DEFAULT_ROOT) / f"{name}-{stamp}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def framework_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "name": "torch",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["device_name"] = torch.cuda.get_device_name()
+    return info
+
+
+class _Attached:
+    """One optimizer under watch: its probe, its stream in the store, its hook handles."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, probe: TorchProbe, stream: StreamWriter):
+        self.optimizer = optimizer
+        self.probe = probe
+        self.stream = stream
+        self.handles: list[Any] = []
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _current_lr(optimizer: torch.optim.Optimizer) -> float | torch.Tensor | None:
+    groups = optimizer.param_groups
+    return groups[0].get("lr") if groups else None
+
+
+class Watch:
+    """Records per-layer gradient and weight statistics of a PyTorch training run.
+
+    Args:
+        model: the model whose parameters the optimizer trains; names the layers by module path.
+            May be None (layers are then named ``param.N``).
+        optimizer: one optimizer or a list of them (e.g. a GAN's two); each becomes a stream.
+        out: the run directory (default ``gradwatch-runs/run-TIME``).
+        flush_every: steps per device->host copy and store append.
+        sample_every: steps between full statistics (max |g|, std, zeros, weights, update ratio).
+        hist_every: steps between log10|g| histograms.
+        overwrite: replace a run already in ``out`` instead of refusing.
+        quiet: print nothing.
+
+    Use it as a context manager (hooks attach on enter and detach on exit), or call
+    :meth:`attach` and :meth:`close` yourself.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        out: str | os.PathLike[str] | None = None,
+        *,
+        flush_every: int = 50,
+        sample_every: int = 10,
+        hist_every: int = 50,
+        overwrite: bool = False,
+        quiet: bool = False,
+        _lazy: bool = False,
+    ):
+        if model is not None and not isinstance(model, nn.Module):
+            raise GradwatchError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        optimizers = _as_optimizer_list(optimizer)
+        if not optimizers and not _lazy:
+            raise GradwatchError(
+                "watch() needs the optimizer: gradwatch reads gradients just before optimizer.step(); "
+                "pass watch(model, optimizer)."
+            )
+        if model is not None and not _lazy and not any(True for _ in model.parameters()):
+            raise GradwatchError(f"the model ({type(model).__name__}) has no parameters; there is nothing to watch.")
+        self.config = ProbeConfig(flush_every=flush_every, sample_every=sample_every, hist_every=hist_every)
+        self.model = model
+        self.out = Path(out) if out is not None else default_out()
+        self.quiet = quiet
+        self._optimizers = optimizers
+        self._overwrite = overwrite
+        self._writer: RunWriter | None = None
+        self._attached: dict[int, _Attached] = {}
+        self._last: _Attached | None = None
+        self._closed = False
+        self._status = "running"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Watch":
+        self.attach()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self.close(status=_status_for(exc))
+
+    def attach(self) -> "Watch":
+        """Hook every optimizer given at construction."""
+        for opt in self._optimizers:
+            self.add_optimizer(opt, self.model)
+        return self
+
+    def _ensure_writer(self) -> RunWriter:
+        if self._writer is None:
+            options = {**asdict(self.config)}
+            self._writer = RunWriter(self.out, options=options, framework=framework_info(), overwrite=self._overwrite)
+            _live.add(self)
+            _install_signal_handlers()
+        return self._writer
+
+    def add_optimizer(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None, *, hooks: bool = True
+    ) -> _Attached:
+        """Start a stream for ``optimizer``; with ``hooks``, register its step hooks."""
+        if self._closed:
+            raise GradwatchError("this watch is closed; start a new gradwatch.watch(...) to record again.")
+        key = id(optimizer)
+        if key in self._attached:
+            return self._attached[key]
+        params = _optimizer_params(optimizer)
+        if model is not None:
+            in_opt = {id(p) for p in params}
+            claimed = {id(p) for a in self._attached.values() for p in a.probe._params}
+            # Frozen parameters of the model (in no optimizer) ride along in the first stream.
+            params = params + [p for p in model.parameters() if id(p) not in in_opt and id(p) not in claimed
+                               and not p.requires_grad and not self._attached]
+        if not params:
+            raise GradwatchError(
+                f"the optimizer {type(optimizer).__name__} has no parameters; there is nothing to watch."
+            )
+        layers, params = build_layer_table(model, params)
+        writer = self._ensure_writer()
+        stream = writer.add_stream(
+            layers,
+            {
+                "optimizer": type(optimizer).__name__,
+                "model": type(model).__name__ if model is not None else None,
+                "defaults": _jsonable(optimizer.defaults),
+            },
+        )
+        probe = TorchProbe(params, layers, self.config, stream.append)
+        att = _Attached(optimizer, probe, stream)
+        if hooks:
+            att.handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self.on_before_optimizer_step(opt)))
+            att.handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self.on_after_optimizer_step(opt)))
+        self._attached[key] = att
+        return att
+
+    # -- hook points (per-instance hooks and the runner's global hooks both land here) ------------
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        att = self._attached[id(optimizer)]
+        self._last = att
+        att.probe.on_before_optimizer_step(_current_lr(optimizer))
+
+    def on_after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._attached[id(optimizer)].probe.on_after_optimizer_step()
+
+    # -- user calls -------------------------------------------------------------------------------
+
+    def log(self, loss: torch.Tensor | float | None = None) -> None:
+        """Record the loss of the latest optimizer step. Tensors stay on the device (no sync).
+
+        Call it after ``optimizer.step()``. With several optimizers the loss goes to the one that
+        stepped last.
+        """
+        if loss is None:
+            return
+        if not isinstance(loss, torch.Tensor):
+            try:
+                loss = float(loss)
+            except (TypeError, ValueError):
+                raise GradwatchError(f"log(loss=...) takes a tensor or a number; got {type(loss).__name__}.") from None
+        elif loss.numel() != 1:
+            raise GradwatchError(f"log(loss=...) takes a scalar; got a tensor of shape {tuple(loss.shape)}.")
+        att = self._last or next(iter(self._attached.values()), None)
+        if att is not None:
+            att.probe.log_loss(loss)
+
+    def stage_loss(self, loss: torch.Tensor) -> None:
+        """The runner's loss capture: the loss belongs to the next optimizer step (any optimizer)."""
+        for att in self._attached.values():
+            att.probe.stage_loss(loss)
+
+    def flush(self) -> None:
+        """Write every buffered step to the run directory now (one device->host copy per stream)."""
+        for att in self._attached.values():
+            att.probe.flush()
+
+    def detach(self) -> None:
+        """Remove every hook; the model and optimizers are left as they were."""
+        for att in self._attached.values():
+            for h in att.handles:
+                h.remove()
+            att.handles.clear()
+
+    def close(self, status: str = "finished") -> None:
+        """Detach, flush what is buffered, and mark the run ``finished`` (or ``crashed``)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.detach()
+        if self._writer is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self._writer.finish(status)
+            self._status = status
+            _live.discard(self)
+        if not self.quiet:
+            steps = max((a.probe.step for a in self._attached.values()), default=0)
+            n_layers = len(self._writer.layers)
+            print(f"gradwatch: recorded {steps} steps x {n_layers} layers -> {self.out}", file=sys.stderr)
+
+    # -- results ----------------------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._attached) and not self._closed
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps seen so far (the most of any stream)."""
+        return max((a.probe.step for a in self._attached.values()), default=0)
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return list(self._writer.layers) if self._writer else []
+
+    @property
+    def run(self):
+        """The stored run, read back (flushes first if still recording)."""
+        if not self._closed:
+            self.flush()
+        return load_run(self.out)
+
+    @property
+    def findings(self) -> list[Any]:
+        """Findings of this run (``findings.json``; empty until diagnosed)."""
+        return self.run.findings if self._writer is not None else []
+
+
+def watch(
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> Watch:
+    """Watch a training run; use as ``with gradwatch.watch(model, optimizer, out=...) as w:``.
+
+    Hooks attach at once, so ``w = watch(...); ...; w.close()`` works too. See :class:`Watch` for
+    the options.
+    """
+    return Watch(model, optimizer, out, **options).attach()
+
+
+def _as_optimizer_list(optimizer: Any) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    for o in items:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise GradwatchError(
+                f"optimizer must be a torch.optim.Optimizer (or a list of them); got {type(o).__name__}."
+            )
+    return items
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v):
+            out[k] = list(v)
+        else:
+            out[k] = repr(v)
+    return out
+
+
+def _status_for(exc: BaseException | None) -> str:
+    if exc is None:
+        return "finished"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, SystemExit):
+        return "finished" if exc.code in (0, None) else "interrupted"
+    return "crashed"
+
+
+# ----------------------------------------------------------------------- never lose the record
+
+_live: "weakref.WeakSet[Watch]" = weakref.WeakSet()
+_signals_installed = False
+
+
+def _close_all(status: str) -> None:
+    for w in list(_live):
+        try:
+            w.close(status=status)
+        except Exception as e:  # the record is best effort at this point; say why it failed
+            print(f"gradwatch: could not finish {w.out}: {e}", file=sys.stderr)
+
+
+atexit.register(_close_all, "finished")
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # Unwind like an exception so `with` blocks and the runner flush; exit code as the shell's.
+    raise SystemExit(128 + signum)
+
+
+def _install_signal_handlers() -> None:
+    """Turn SIGTERM into SystemExit (once, main thread only, and only if nobody else handles it)."""
+    global _signals_installed
+    if _signals_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _signals_installed = True
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_sigterm)
