@@ -381,6 +381,8 @@ def run_steps(name: str, runner, steps: int, results: dict[str, Result], runners
         results[name].problem = f"failed: {one_line(e)}"
         results[name].window_ms.clear()
         del runners[name]
+        with contextlib.suppress(Exception):  # release files/hooks; the failure is already recorded
+            runner.close()
         return False
 
 

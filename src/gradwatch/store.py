@@ -18,7 +18,6 @@ This module never imports torch: a run is read and diagnosed on machines without
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -507,7 +506,3 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         raise RunDirError(f"{p} has series files that do not match its {META_FILE} ({e}).") from None
     return Run(p, meta, streams, torn)
 
-
-def finite_or_none(x: float) -> float | None:
-    """JSON has no NaN: store non-finite numbers as null where a strict reader will look."""
-    return x if math.isfinite(x) else None

@@ -18,18 +18,18 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import weakref
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from .errors import GradwatchError
 from .probe.torch import ProbeConfig, TorchProbe, build_layer_table
-from .store import Chunk, LayerInfo, RunWriter, StreamWriter, load_run
+from .store import LayerInfo, RunWriter, StreamWriter, load_run
 
 DEFAULT_ROOT = "gradwatch-runs"
 
@@ -66,6 +66,7 @@ class _Attached:
         self.probe = probe
         self.stream = stream
         self.handles: list[Any] = []
+        self.failed = False
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -195,11 +196,37 @@ class Watch:
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         att = self._attached[id(optimizer)]
+        if att.failed:
+            return
         self._last = att
-        att.probe.on_before_optimizer_step(_current_lr(optimizer))
+        try:
+            att.probe.on_before_optimizer_step(_current_lr(optimizer))
+        except Exception as e:
+            self._fail(att, e)
 
     def on_after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self._attached[id(optimizer)].probe.on_after_optimizer_step()
+        att = self._attached[id(optimizer)]
+        if att.failed:
+            return
+        try:
+            att.probe.on_after_optimizer_step()
+        except Exception as e:
+            self._fail(att, e)
+
+    def _fail(self, att: _Attached, error: Exception) -> None:
+        # A monitor must never stop training: keep what was recorded, stop this stream, say why.
+        att.failed = True
+        try:
+            att.probe.flush()
+        except Exception:
+            pass
+        print(
+            f"gradwatch: stopped recording {type(att.optimizer).__name__} at step {att.probe.step} "
+            f"after an internal error ({type(error).__name__}: {error}); training continues. "
+            "Please report this with the traceback below.",
+            file=sys.stderr,
+        )
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
 
     # -- user calls -------------------------------------------------------------------------------
 
@@ -230,7 +257,8 @@ class Watch:
     def flush(self) -> None:
         """Write every buffered step to the run directory now (one device->host copy per stream)."""
         for att in self._attached.values():
-            att.probe.flush()
+            if not att.failed:
+                att.probe.flush()
 
     def detach(self) -> None:
         """Remove every hook; the model and optimizers are left as they were."""
@@ -246,6 +274,12 @@ class Watch:
         self._closed = True
         self.detach()
         if self._writer is None:
+            if not self.quiet:
+                print(
+                    "gradwatch: no optimizer step was seen, so nothing was recorded "
+                    "(gradwatch records at torch.optim.Optimizer.step()).",
+                    file=sys.stderr,
+                )
             return
         try:
             self.flush()

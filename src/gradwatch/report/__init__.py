@@ -1,0 +1,1 @@
+"""Pictures and summaries drawn from a stored run (never from a model)."""

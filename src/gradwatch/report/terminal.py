@@ -1,0 +1,145 @@
+"""What a run recorded, in the terminal (rich): steps, loss, and the gradient-flow profile per layer.
+
+Reads a stored :class:`~gradwatch.store.Run`; never touches a model or torch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import numpy as np
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from ..store import Run
+
+_SPARK = "▁▂▃▄▅▆▇█"
+MAX_ROWS = 24  # deeper models: first and last layers, the middle elided
+
+
+def sparkline(values: np.ndarray, width: int = 40, log: bool = False) -> str:
+    """A one-line picture of a series: ``▁▂▅█``, ``!`` where a value is non-finite."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return ""
+    bins = np.array_split(np.arange(v.size), min(width, v.size))
+    out = []
+    finite = v[np.isfinite(v)]
+    if log:
+        finite = finite[finite > 0]
+    if finite.size == 0:
+        return "!" * len(bins)
+    lo, hi = (np.log10(finite.min()), np.log10(finite.max())) if log else (finite.min(), finite.max())
+    for idx in bins:
+        chunk = v[idx]
+        if not np.all(np.isfinite(chunk)):
+            out.append("!")
+            continue
+        x = np.mean(np.log10(np.maximum(chunk, 1e-300))) if log else np.mean(chunk)
+        level = 0 if hi == lo else int(round((x - lo) / (hi - lo) * (len(_SPARK) - 1)))
+        out.append(_SPARK[min(max(level, 0), len(_SPARK) - 1)])
+    return "".join(out)
+
+
+def _fmt(x: float) -> str:
+    if x is None or not math.isfinite(x):
+        return "nan" if x is None or math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+def _window_median(series: np.ndarray, first: bool, frac: float = 0.1) -> np.ndarray:
+    """Per-column median over the first (or last) ``frac`` of the rows, ignoring NaN."""
+    n = series.shape[0]
+    k = max(1, int(math.ceil(n * frac)))
+    part = series[:k] if first else series[-k:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: not computed there
+        return np.nanmedian(part, axis=0)
+
+
+def flow_profile(run: Run, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray, int]:
+    """Median grad RMS per layer over the first and last ``frac`` of steps, and the reference layer.
+
+    The reference is the last weight-like (at least 2-D) layer with a finite value: a profile
+    ``rms / rms[ref]`` far below 1 at the input side is what a vanishing gradient looks like.
+    """
+    rms = run.layer_series("grad_rms")
+    if rms.shape[0] == 0:
+        nan = np.full(len(run.layers), np.nan)
+        return nan, nan, len(run.layers) - 1
+    early, late = _window_median(rms, True, frac), _window_median(rms, False, frac)
+    refs = [i for i, l in enumerate(run.layers) if len(l.shape) >= 2 and np.isfinite(late[i])]
+    return early, late, (refs[-1] if refs else len(run.layers) - 1)
+
+
+def layer_table(run: Run) -> Table:
+    """Per-layer gradient RMS early and late, relative to the reference layer, and update ratio."""
+    early, late, ref = flow_profile(run)
+    upd_late = _window_median(run.layer_series("update_ratio"), False) if len(run.steps) else early
+    table = Table(
+        title=(f"gradient flow: grad RMS per layer, median of the first (early) and last (late) 10% of steps; "
+               f"rel = relative to {run.layers[ref].name}; upd = update ratio |dw|/|w| late"),
+        title_justify="left",
+    )
+    table.add_column("layer", no_wrap=True)
+    for col in ("shape", "act", "early", "rel", "late", "rel", "upd"):
+        table.add_column(col, justify="left" if col == "act" else "right", no_wrap=True)
+    rows: list[int] = list(range(len(run.layers)))
+    if len(rows) > MAX_ROWS:
+        rows = rows[: MAX_ROWS // 2] + [-1] + rows[-MAX_ROWS // 2 :]
+    with np.errstate(all="ignore"):
+        rel_early, rel_late = early / early[ref], late / late[ref]
+    for i in rows:
+        if i < 0:
+            table.add_row("...", *[""] * 7)
+            continue
+        layer = run.layers[i]
+        table.add_row(
+            layer.name,
+            "x".join(map(str, layer.shape)),
+            layer.activation or "",
+            _fmt(float(early[i])),
+            _rel(float(rel_early[i])),
+            _fmt(float(late[i])),
+            _rel(float(rel_late[i])),
+            _fmt(float(upd_late[i])),
+        )
+    return table
+
+
+def _rel(x: float) -> Text:
+    # Below 1e-2 of the reference layer is the gradient-flow threshold used for vanishing.
+    return Text(_fmt(x), style="bold red" if math.isfinite(x) and x < 1e-2 else "")
+
+
+def summary(run: Run) -> Group:
+    """A rich renderable: header, step series, per-layer gradient-flow table."""
+    steps = run.steps
+    loss = run.step_series("loss")
+    gnorm = run.step_series("grad_norm")
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    opts = ", ".join(s.get("optimizer", "?") for s in run.streams) or "none"
+    head.add_row("run", str(run.path))
+    head.add_row("status", run.status)
+    head.add_row("recorded", f"{len(steps)} steps x {len(run.layers)} layers (optimizers: {opts})")
+    finite_loss = loss[np.isfinite(loss)]
+    if finite_loss.size:
+        head.add_row("loss", f"{_fmt(float(finite_loss[0]))} -> {_fmt(float(finite_loss[-1]))}   {sparkline(loss)}")
+    if len(gnorm):
+        head.add_row("grad norm", f"{_fmt(float(gnorm[0]))} -> {_fmt(float(gnorm[-1]))}   {sparkline(gnorm, log=True)}")
+    nonfinite = run.layer_series("grad_nonfinite")
+    bad_steps = np.flatnonzero(np.nan_to_num(nonfinite, nan=0.0).max(axis=1) > 0) if nonfinite.size else []
+    if len(bad_steps):
+        head.add_row("non-finite", Text(f"gradients non-finite at {len(bad_steps)} steps, first at step {steps[bad_steps[0]]}", style="bold red"))
+
+    table = layer_table(run)
+    return Group(head, table)
+
+
+def print_summary(run: Run, console: Console | None = None) -> None:
+    (console or Console(file=sys.stderr)).print(summary(run))

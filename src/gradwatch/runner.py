@@ -1,0 +1,184 @@
+"""Zero-code attach: run an unmodified training script with every optimizer it creates watched.
+
+``gradwatch run train.py --epochs 3`` behaves like ``python train.py --epochs 3`` — same
+``sys.argv``, ``__name__ == "__main__"``, output and exit code — while:
+
+* torch's *global* optimizer step hooks (``register_optimizer_step_pre_hook``) reach every
+  ``torch.optim.Optimizer`` the script makes; each one's first step starts a stream, named by the
+  module that owns its parameters (found once, on that first step);
+* the scalar tensor that ``backward()`` is called on is taken as the loss of the next optimizer step
+  (it is detached at once: no graph is kept alive).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import runpy
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import GradwatchError
+from .watch import Watch, default_out
+
+
+def find_owner_module(params: Sequence[torch.Tensor]) -> nn.Module | None:
+    """The module that owns ``params``: most of them, fewest others, innermost on a tie.
+
+    Searched among live modules once per optimizer (at its first step), so wrappers such as
+    ``DistributedDataParallel`` lose to the model they wrap.
+    """
+    wanted = {id(p) for p in params}
+    best: nn.Module | None = None
+    best_key: tuple[int, int] = (0, 0)
+    for obj in gc.get_objects():
+        if not isinstance(obj, nn.Module):
+            continue
+        ids = {id(p) for p in obj.parameters()}
+        covered = len(wanted & ids)
+        if not covered:
+            continue
+        key = (covered, -len(ids))
+        inner = best is not None and key == best_key and any(m is obj for m in best.modules())
+        if key > best_key or inner:
+            best, best_key = obj, key
+    return best
+
+
+class _LossCapture:
+    """Patches ``Tensor.backward`` and ``torch.autograd.backward`` to see the loss; undone on exit."""
+
+    def __init__(self, watch: Watch):
+        self._watch = watch
+        self._orig_tensor_backward = torch.Tensor.backward
+        self._orig_autograd_backward = torch.autograd.backward
+
+    def _take(self, t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point():
+            self._watch.stage_loss(t.detach())
+
+    def __enter__(self) -> "_LossCapture":
+        orig_t, orig_a, take = self._orig_tensor_backward, self._orig_autograd_backward, self._take
+
+        def tensor_backward(self_t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            take(self_t)
+            return orig_t(self_t, *args, **kwargs)
+
+        def autograd_backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+            take(tensors[0] if isinstance(tensors, (list, tuple)) and len(tensors) == 1 else tensors)
+            return orig_a(tensors, *args, **kwargs)
+
+        torch.Tensor.backward = tensor_backward  # type: ignore[method-assign]
+        torch.autograd.backward = autograd_backward  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.Tensor.backward = self._orig_tensor_backward  # type: ignore[method-assign]
+        torch.autograd.backward = self._orig_autograd_backward  # type: ignore[assignment]
+
+
+class _GlobalHooks:
+    """torch's global optimizer step hooks, feeding every optimizer's steps to one Watch."""
+
+    def __init__(self, watch: Watch):
+        self._watch = watch
+        self._handles: list[Any] = []
+        self._refused: set[int] = set()
+
+    def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        w = self._watch
+        if id(optimizer) not in w._attached and id(optimizer) not in self._refused:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            try:
+                w.add_optimizer(optimizer, find_owner_module(params), hooks=False)
+            except GradwatchError as e:
+                # Training goes on unwatched rather than failing for the monitor's sake.
+                self._refused.add(id(optimizer))
+                print(f"gradwatch: not recording {type(optimizer).__name__}: {e}", file=sys.stderr)
+                return
+        if id(optimizer) in w._attached:
+            w.on_before_optimizer_step(optimizer)
+
+    def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if id(optimizer) in self._watch._attached:
+            self._watch.on_after_optimizer_step(optimizer)
+
+    def __enter__(self) -> "_GlobalHooks":
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self._handles = [register_optimizer_step_pre_hook(self._before), register_optimizer_step_post_hook(self._after)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _exit_code(e: SystemExit) -> int:
+    """What ``python script.py`` exits with for this SystemExit (a message goes to stderr)."""
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def _print_script_traceback(exc: BaseException, script: str) -> None:
+    """Print the traceback as python would, without the runner's own frames on top."""
+    tb = exc.__traceback__
+    target = os.path.abspath(script)
+    frames = tb
+    while frames is not None and os.path.abspath(frames.tb_frame.f_code.co_filename) != target:
+        frames = frames.tb_next
+    traceback.print_exception(type(exc), exc, frames or tb)
+
+
+def run_script(
+    target: str,
+    args: Sequence[str] = (),
+    *,
+    module: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    **watch_options: Any,
+) -> tuple[int, Watch]:
+    """Run a script (or ``-m`` module) as ``python`` would, recording every optimizer it steps.
+
+    Returns:
+        the script's exit code, and the :class:`~gradwatch.watch.Watch` (closed) that recorded it.
+    """
+    name = target.rsplit(".", 1)[-1] if module else Path(target).stem
+    w = Watch(out=out if out is not None else default_out(name), _lazy=True, **watch_options)
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    sys.argv = [target, *args]
+    if not module:
+        # As `python script.py` does: the script's folder is the first import location.
+        sys.path[0:1] = [str(Path(target).resolve().parent)]
+    code, status = 0, "finished"
+    try:
+        with _GlobalHooks(w), _LossCapture(w):
+            try:
+                if module:
+                    runpy.run_module(target, run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(target, run_name="__main__")
+            except SystemExit as e:
+                code = _exit_code(e)
+                status = "finished" if code == 0 else "exited"
+            except KeyboardInterrupt as e:
+                _print_script_traceback(e, target)
+                code, status = 130, "interrupted"
+            except BaseException as e:  # the script's own error: report it as python would
+                _print_script_traceback(e, target)
+                code, status = 1, "crashed"
+    finally:
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+        w.close(status=status)
+    return code, w

@@ -1,0 +1,1 @@
+"""The seeds' experiments as runnable, seeded scenarios."""
