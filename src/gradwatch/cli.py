@@ -111,8 +111,9 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     early, _, ref = flow_profile(run)
     first = next(i for i, l in enumerate(run.layers) if len(l.shape) >= 2)
     _err.print(
-        f"In the first 10% of training, {run.layers[first].name} received {early[first] / early[ref]:.1%} of the "
-        f"gradient RMS of {run.layers[ref].name}: the gradient fades on its way back through the sigmoid layers."
+        f"In the first 10% of training, {run.layers[first].name} received {early[first] / early[ref[first]]:.1%} "
+        f"of the gradient RMS of {run.layers[ref[first]].name}: the gradient fades on its way back through "
+        "the sigmoid layers."
     )
     _err.print(f"Run directory: [bold]{result.out}[/bold]  (read it with gradwatch.load_run({str(result.out)!r}))")
     return 0

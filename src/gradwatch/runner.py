@@ -17,6 +17,7 @@ import os
 import runpy
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,9 +37,11 @@ def find_owner_module(params: Sequence[torch.Tensor]) -> nn.Module | None:
     wanted = {id(p) for p in params}
     best: nn.Module | None = None
     best_key: tuple[int, int] = (0, 0)
-    for obj in gc.get_objects():
-        if not isinstance(obj, nn.Module):
-            continue
+    with warnings.catch_warnings():
+        # isinstance() on some lazily deprecated torch objects warns; the scan is not the user's.
+        warnings.simplefilter("ignore")
+        modules = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
+    for obj in modules:
         ids = {id(p) for p in obj.parameters()}
         covered = len(wanted & ids)
         if not covered:
@@ -48,6 +51,27 @@ def find_owner_module(params: Sequence[torch.Tensor]) -> nn.Module | None:
         if key > best_key or inner:
             best, best_key = obj, key
     return best
+
+
+def variable_name(obj: object, max_depth: int = 64) -> str | None:
+    """The name the calling code binds ``obj`` to (``G``, ``netD``, ``self.model`` -> ``model``)."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            break
+        if frame.f_globals.get("__name__", "").partition(".")[0] in ("gradwatch", "torch"):
+            frame = frame.f_back  # our frames and torch's: the user's names are further out
+            continue
+        for name, value in frame.f_locals.items():
+            if value is obj and not name.startswith("_"):
+                return name
+        owner = frame.f_locals.get("self")
+        if owner is not None:
+            for name, value in getattr(owner, "__dict__", {}).items():
+                if value is obj and not name.startswith("_"):
+                    return name
+        frame = frame.f_back
+    return None
 
 
 class _LossCapture:
@@ -95,7 +119,9 @@ class _GlobalHooks:
         if id(optimizer) not in w._attached and id(optimizer) not in self._refused:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             try:
-                w.add_optimizer(optimizer, find_owner_module(params), hooks=False)
+                model = find_owner_module(params)
+                label = variable_name(model) if model is not None else None
+                w.add_optimizer(optimizer, model, hooks=False, label=label)
             except GradwatchError as e:
                 # Training goes on unwatched rather than failing for the monitor's sake.
                 self._refused.add(id(optimizer))

@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -260,19 +260,36 @@ class RunWriter:
         self.meta["streams"] = self.streams
         _write_json_atomic(self.path / META_FILE, self.meta)
 
-    def add_stream(self, layers: Sequence[LayerInfo], info: Mapping[str, Any]) -> StreamWriter:
-        """Register the layers of one optimizer and open its series files."""
+    def add_stream(self, layers: Sequence[LayerInfo], info: Mapping[str, Any], label: str | None = None) -> StreamWriter:
+        """Register the layers of one optimizer and open its series files.
+
+        Layer names stay unique in a run: when a new stream's names collide with earlier ones (two
+        ``Sequential`` models both have ``0.weight``), every stream's names get its label as a prefix
+        (``G/0.weight``, ``D/0.weight``). Names live only in meta.json, so renaming costs nothing.
+        """
         index = len(self.streams)
         first = len(self.layers)
-        self.layers.extend(
-            LayerInfo(**{**asdict(li), "shape": tuple(li.shape), "stream": index}) for li in layers
-        )
+        self.layers.extend(replace(li, shape=tuple(li.shape), stream=index) for li in layers)
         ids = list(range(first, len(self.layers)))
-        self.streams.append({"index": index, "layers": ids, **dict(info)})
+        label = label or f"opt{index}"
+        if any(st["label"] == label for st in self.streams):
+            label = f"{label}{index}"
+        self.streams.append({"index": index, "label": label, "layers": ids, **dict(info)})
+        names = [li.name for li in self.layers]
+        if len(set(names)) < len(names):
+            self._prefix_names()
         writer = StreamWriter(self, index, ids)
         self._writers.append(writer)
         self._write_meta()
         return writer
+
+    def _prefix_names(self) -> None:
+        for st in self.streams:
+            prefix = f"{st['label']}/"
+            for i in st["layers"]:
+                li = self.layers[i]
+                if not li.name.startswith(prefix):
+                    self.layers[i] = replace(li, name=prefix + li.name)
 
     def update_meta(self, **fields: Any) -> None:
         self.meta.update(fields)

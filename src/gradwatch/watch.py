@@ -128,6 +128,7 @@ class Watch:
         self._writer: RunWriter | None = None
         self._attached: dict[int, _Attached] = {}
         self._last: _Attached | None = None
+        self._staged_loss: torch.Tensor | None = None
         self._closed = False
         self._status = "running"
 
@@ -155,9 +156,18 @@ class Watch:
         return self._writer
 
     def add_optimizer(
-        self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None, *, hooks: bool = True
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module | None = None,
+        *,
+        hooks: bool = True,
+        label: str | None = None,
     ) -> _Attached:
-        """Start a stream for ``optimizer``; with ``hooks``, register its step hooks."""
+        """Start a stream for ``optimizer``; with ``hooks``, register its step hooks.
+
+        ``label`` names the stream (e.g. the model's variable name); it prefixes layer names only
+        when two streams would otherwise share a name.
+        """
         if self._closed:
             raise GradwatchError("this watch is closed; start a new gradwatch.watch(...) to record again.")
         key = id(optimizer)
@@ -183,6 +193,7 @@ class Watch:
                 "model": type(model).__name__ if model is not None else None,
                 "defaults": _jsonable(optimizer.defaults),
             },
+            label=label,
         )
         probe = TorchProbe(params, layers, self.config, stream.append)
         att = _Attached(optimizer, probe, stream)
@@ -200,6 +211,9 @@ class Watch:
             return
         self._last = att
         try:
+            if self._staged_loss is not None:
+                att.probe.stage_loss(self._staged_loss)
+                self._staged_loss = None
             att.probe.on_before_optimizer_step(_current_lr(optimizer))
         except Exception as e:
             self._fail(att, e)
@@ -250,9 +264,8 @@ class Watch:
             att.probe.log_loss(loss)
 
     def stage_loss(self, loss: torch.Tensor) -> None:
-        """The runner's loss capture: the loss belongs to the next optimizer step (any optimizer)."""
-        for att in self._attached.values():
-            att.probe.stage_loss(loss)
+        """The runner's loss capture: the loss belongs to the next optimizer step, whichever steps."""
+        self._staged_loss = loss
 
     def flush(self) -> None:
         """Write every buffered step to the run directory now (one device->host copy per stream)."""

@@ -51,8 +51,11 @@ def _fmt(x: float) -> str:
 
 
 def _window_median(series: np.ndarray, first: bool, frac: float = 0.1) -> np.ndarray:
-    """Per-column median over the first (or last) ``frac`` of the rows, ignoring NaN."""
+    """Per-column median over the first (or last) ``frac`` of the rows where it was computed."""
+    series = series[~np.all(np.isnan(series), axis=1)]  # sampled metrics: only their sampled rows
     n = series.shape[0]
+    if n == 0:
+        return np.full(series.shape[1], np.nan)
     k = max(1, int(math.ceil(n * frac)))
     part = series[:k] if first else series[-k:]
     with warnings.catch_warnings():
@@ -60,28 +63,34 @@ def _window_median(series: np.ndarray, first: bool, frac: float = 0.1) -> np.nda
         return np.nanmedian(part, axis=0)
 
 
-def flow_profile(run: Run, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray, int]:
-    """Median grad RMS per layer over the first and last ``frac`` of steps, and the reference layer.
+def flow_profile(run: Run, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median grad RMS per layer over the first and last ``frac`` of steps, and each layer's reference.
 
-    The reference is the last weight-like (at least 2-D) layer with a finite value: a profile
-    ``rms / rms[ref]`` far below 1 at the input side is what a vanishing gradient looks like.
+    A layer's reference is the last weight-like (at least 2-D) layer of its optimizer with a finite
+    value: a profile ``rms / rms[ref]`` far below 1 at the input side is what vanishing looks like.
     """
+    n = len(run.layers)
     rms = run.layer_series("grad_rms")
     if rms.shape[0] == 0:
-        nan = np.full(len(run.layers), np.nan)
-        return nan, nan, len(run.layers) - 1
+        nan = np.full(n, np.nan)
+        return nan, nan, np.full(n, n - 1)
     early, late = _window_median(rms, True, frac), _window_median(rms, False, frac)
-    refs = [i for i, l in enumerate(run.layers) if len(l.shape) >= 2 and np.isfinite(late[i])]
-    return early, late, (refs[-1] if refs else len(run.layers) - 1)
+    ref = np.zeros(n, dtype=int)
+    for stream in sorted({l.stream for l in run.layers}):
+        members = [i for i, l in enumerate(run.layers) if l.stream == stream]
+        weights = [i for i in members if len(run.layers[i].shape) >= 2 and np.isfinite(late[i])]
+        ref[members] = weights[-1] if weights else members[-1]
+    return early, late, ref
 
 
 def layer_table(run: Run) -> Table:
     """Per-layer gradient RMS early and late, relative to the reference layer, and update ratio."""
     early, late, ref = flow_profile(run)
     upd_late = _window_median(run.layer_series("update_ratio"), False) if len(run.steps) else early
+    refs = ", ".join(sorted({run.layers[r].name for r in ref}))
     table = Table(
         title=(f"gradient flow: grad RMS per layer, median of the first (early) and last (late) 10% of steps; "
-               f"rel = relative to {run.layers[ref].name}; upd = update ratio |dw|/|w| late"),
+               f"rel = relative to {refs}; upd = update ratio |dw|/|w| late"),
         title_justify="left",
     )
     table.add_column("layer", no_wrap=True)
