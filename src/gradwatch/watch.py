@@ -229,6 +229,7 @@ class Watch:
 
     def _fail(self, att: _Attached, error: Exception) -> None:
         # A monitor must never stop training: keep what was recorded, stop this stream, say why.
+        # The failed step was not committed, so probe.step is the number of the step that failed.
         att.failed = True
         try:
             att.probe.flush()

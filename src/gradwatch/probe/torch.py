@@ -77,7 +77,13 @@ def _following_activations(model: nn.Module) -> dict[str, str]:
     for path, module in model.named_modules():
         own = _activation_name(getattr(module, "activation", None))
         if own and not isinstance(module, ACTIVATION_TYPES):
-            found[path] = own
+            if any(True for _ in module.parameters(recurse=False)):
+                found[path] = own  # a Keras-style Dense: the activation follows its own kernel
+            else:
+                # A block such as TransformerEncoderLayer: the activation follows its first Linear.
+                first = next((n for n, c in module.named_children() if isinstance(c, nn.Linear)), None)
+                if first is not None:
+                    found[f"{path}.{first}" if path else first] = own
         children = list(module.named_children())
         for i, (name, child) in enumerate(children):
             if isinstance(child, ACTIVATION_TYPES) or not any(True for _ in child.parameters(recurse=False)):
@@ -223,7 +229,6 @@ class TorchProbe:
         self._lr = np.full(cap, np.nan, np.float64)
         self._time = np.zeros(cap, np.float64)
         self._present = np.zeros((cap, n), bool)
-        self._sampled = np.zeros(cap, bool)
         self._hist_steps: list[int] = []
 
         self._rows = 0  # rows of the ring in use
@@ -253,14 +258,12 @@ class TorchProbe:
         """Queue this step's statistics; gradients must be final."""
         if self._rows == self.config.flush_every:
             self.flush()
-        row = self._rows
-        self._rows += 1
-        step = self.step
-        self.step += 1
+        row, step = self._rows, self.step
         sampled = step % self.config.sample_every == 0
         self._steps[row] = step
         self._time[row] = time.perf_counter() - self._t0
-        self._sampled[row] = sampled
+        self._lr[row] = math.nan
+        self._present[row] = False
         if isinstance(lr, torch.Tensor):
             self._lr_tensor = True
         elif lr is not None:
@@ -277,7 +280,6 @@ class TorchProbe:
         hist = step % self.config.hist_every == 0
         if hist:
             hrow = len(self._hist_steps)
-            self._hist_steps.append(step)
             self._hist[hrow].fill_(math.nan)
         snapshot: list[list[torch.Tensor]] = []
         for gi, group in enumerate(self._groups):
@@ -297,6 +299,11 @@ class TorchProbe:
                 self._weight_stats(ring_row, gi, group)
                 snapshot.append(torch._foreach_mul(group.weights, 1.0))
         self._snapshot = snapshot if sampled else None
+        # Commit the row last: a step that failed half-way is never flushed as if it were whole.
+        self._rows = row + 1
+        self.step = step + 1
+        if hist:
+            self._hist_steps.append(step)
 
     def _grad_stats(
         self, ring_row: torch.Tensor, gi: int, ids: list[int], grads: list[torch.Tensor],
@@ -304,9 +311,12 @@ class TorchProbe:
     ) -> None:
         f32 = torch.float32
         norms = torch._foreach_norm(grads, 2, dtype=f32)
-        sums = [g.sum(dtype=f32) for g in grads]
+        # Sums in float64: a gradient's mean is often a small difference of large terms.
+        sums = [g.sum(dtype=torch.float64) for g in grads]
         key = (gi, tuple(ids))
-        ring_row.index_copy_(0, self._slot_index(("g",) + key, _EVERY, ids), torch.stack([*norms, *sums]).to(self.device))
+        ring_row.index_copy_(
+            0, self._slot_index(("g",) + key, _EVERY, ids), torch.stack([*norms, *[s.to(f32) for s in sums]]).to(self.device)
+        )
         if not sampled:
             return
         # aminmax raises on empty tensors: those keep NaN for min and max.
@@ -316,16 +326,17 @@ class TorchProbe:
             vals = [m.min.to(f32) for m in mm] + [m.max.to(f32) for m in mm]
             ring_row.index_copy_(0, self._slot_index(("mm",) + key, ("g_min", "g_max"), mm_ids), torch.stack(vals).to(self.device))
         zeros = [(g == 0).sum().to(f32) for g in grads]
-        cnorms = [torch.linalg.vector_norm(g.to(f32) - s / max(g.numel(), 1)) for g, s in zip(grads, sums)]
+        cnorms = [torch.linalg.vector_norm(g.to(f32) - (s / max(g.numel(), 1)).to(f32)) for g, s in zip(grads, sums)]
         ring_row.index_copy_(0, self._slot_index(("gz",) + key, ("g_zeros", "g_cnorm"), ids), torch.stack(zeros + cnorms).to(self.device))
 
     def _weight_stats(self, ring_row: torch.Tensor, gi: int, group: _Group) -> None:
         ws = group.weights
-        norms = torch._foreach_norm(ws, 2, dtype=torch.float32)
-        sums = [w.sum(dtype=torch.float32) for w in ws]
-        cnorms = [torch.linalg.vector_norm(w.to(torch.float32) - s / max(w.numel(), 1)) for w, s in zip(ws, sums)]
+        f32 = torch.float32
+        norms = torch._foreach_norm(ws, 2, dtype=f32)
+        sums = [w.sum(dtype=torch.float64) for w in ws]
+        cnorms = [torch.linalg.vector_norm(w.to(f32) - (s / max(w.numel(), 1)).to(f32)) for w, s in zip(ws, sums)]
         idx = self._slot_index(("w", gi), ("w_norm", "w_sum", "w_cnorm"), group.layer_ids)
-        ring_row.index_copy_(0, idx, torch.stack([*norms, *sums, *cnorms]).to(self.device))
+        ring_row.index_copy_(0, idx, torch.stack([*norms, *[s.to(f32) for s in sums], *cnorms]).to(self.device))
 
     def _grad_hist(self, hrow: int, ids: list[int], grads: list[torch.Tensor]) -> None:
         # Zeros map to -inf and are clamped into the first bin; inf into the last; NaN is dropped.
@@ -347,7 +358,7 @@ class TorchProbe:
         """On sampled steps, record ‖Δw‖ of the update the optimizer actually made."""
         if self._snapshot is None:
             return
-        ring_row = self._ring[self._rows - 1]
+        ring_row = self._ring[self._rows - 1]  # the row that on_before_optimizer_step committed
         for gi, (group, before) in enumerate(zip(self._groups, self._snapshot)):
             torch._foreach_sub_(before, group.weights)
             dn = torch._foreach_norm(before, 2, dtype=torch.float32)
@@ -395,8 +406,6 @@ class TorchProbe:
             chunk.hist = hist.copy()
         self._rows = 0
         self._hist_steps = []
-        self._present[:] = False
-        self._lr[:] = math.nan
         self._sink(chunk)
 
     def _derive(self, ring: np.ndarray, n: int) -> Chunk:

@@ -1,0 +1,365 @@
+"""The probe: exact statistics, zero host syncs per step, and training left untouched."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradwatch as gw
+from gradwatch.probe.torch import TorchProbe, build_layer_table
+from models import ARCHITECTURES, OddParams, SmallTransformer, data_for, make, mlp, train
+
+aten = torch.ops.aten
+
+
+# ------------------------------------------------------------------------------ exact statistics
+
+
+class Reference:
+    """Copies every gradient and weight to float64 numpy around each step, by hooks of its own."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.params = [p for _, p in model.named_parameters()]  # named_parameters() drops tied duplicates
+        self.grads: list[list[np.ndarray | None]] = []
+        self.before: list[list[np.ndarray]] = []
+        self.after: list[list[np.ndarray]] = []
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    def _pre(self, *_: object) -> None:
+        self.grads.append([None if p.grad is None else p.grad.detach().double().numpy().copy() for p in self.params])
+        self.before.append([p.detach().double().numpy().copy() for p in self.params])
+
+    def _post(self, *_: object) -> None:
+        self.after.append([p.detach().double().numpy().copy() for p in self.params])
+
+    def layer(self, metric: str, step: int, i: int) -> float:
+        g, w, w1 = self.grads[step][i], self.before[step][i], self.after[step][i]
+        if metric.startswith("grad_"):
+            if g is None:
+                return np.nan
+            x = g.ravel()
+        else:
+            x = w.ravel()
+        n = x.size
+        with np.errstate(all="ignore"):
+            kind = metric.split("_", 1)[1]
+            if metric == "update_ratio":
+                return float(np.linalg.norm(w1 - w) / np.linalg.norm(w))
+            if kind == "norm":
+                return float(np.sqrt(np.sum(x * x)))
+            if kind == "rms":
+                return float(np.sqrt(np.sum(x * x)) / np.sqrt(n)) if n else np.nan
+            if kind == "mean":
+                return float(np.sum(x) / n) if n else np.nan
+            if kind == "std":
+                return float(np.sqrt(np.mean((x - x.mean()) ** 2))) if n else np.nan
+            if kind == "maxabs":
+                return float(np.max(np.abs(x))) if n and not np.isnan(x).any() else np.nan
+            if kind == "nonfinite":
+                return float(not np.all(np.isfinite(x)))
+            if kind == "zero_frac":
+                return float(np.mean(x == 0)) if n else np.nan
+        raise KeyError(metric)
+
+
+SAMPLED = {"grad_maxabs", "grad_std", "grad_zero_frac", "weight_norm", "weight_rms", "weight_mean", "weight_std", "update_ratio"}
+
+
+def assert_matches_reference(run: gw.Run, ref: Reference, sample_every: int) -> int:
+    """Every stored statistic equals the float64 reference to 1e-5 relative; returns values checked."""
+    names = [layer.name for layer in run.layers]
+    checked = 0
+    for metric in gw.LAYER_METRICS:
+        series = run.layer_series(metric)
+        for row, step in enumerate(run.steps):
+            if metric in SAMPLED and step % sample_every:
+                assert np.all(np.isnan(series[row])), f"{metric} at unsampled step {step} should be NaN"
+                continue
+            expected = np.array([ref.layer(metric, step, i) for i in range(len(names))])
+            np.testing.assert_allclose(
+                series[row], expected, rtol=1e-5, atol=1e-30, equal_nan=True,
+                err_msg=f"{metric} at step {step} ({names})",
+            )
+            checked += int(np.isfinite(expected).sum())
+    return checked
+
+
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "odd"])
+def test_every_statistic_equals_float64_reference(arch: str, tmp_path: Path) -> None:
+    model = make(arch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref = Reference(model, opt)  # registered first, so its pre-hook sees the same gradients
+    with gw.watch(model, opt, out=tmp_path / "run", flush_every=4, sample_every=3, hist_every=5, quiet=True) as w:
+        train(model, opt, 10, on_step=lambda loss: w.log(loss=loss))
+    run = gw.load_run(tmp_path / "run")
+    assert list(run.steps) == list(range(10))
+    assert assert_matches_reference(run, ref, sample_every=3) > 100
+    # The global norm is the clip_grad_norm_ one: over all layers with a gradient.
+    expected = [np.sqrt(sum(np.sum(g * g) for g in gs if g is not None)) for gs in ref.grads]
+    np.testing.assert_allclose(run.step_series("grad_norm"), expected, rtol=1e-5)
+
+
+def test_corner_case_layers_are_named_and_counted_once(tmp_path: Path) -> None:
+    model = OddParams()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with gw.watch(model, opt, out=tmp_path / "run", quiet=True, sample_every=1) as w:
+        train(model, opt, 3, on_step=lambda loss: w.log(loss=loss))
+    run = gw.load_run(tmp_path / "run")
+    names = [layer.name for layer in run.layers]
+    assert names.count("embed.weight") == 1 and "head.weight" not in names  # tied: once, first name
+    frozen = run.layer_index("frozen.weight")
+    assert run.layers[frozen].trainable is False
+    assert np.all(np.isnan(run.layer_series("grad_norm")[:, frozen]))  # no gradient: not computed
+    assert np.all(np.isfinite(run.layer_series("weight_norm")[:, frozen]))  # but its weights are watched
+    empty = run.layer_index("empty")
+    assert run.layers[empty].numel == 0
+    assert np.all(run.layer_series("grad_norm")[:, empty] == 0)
+    assert np.all(run.layer_series("grad_nonfinite")[:, empty] == 0)
+    norm_w = run.layer_index("norm.weight")
+    # LayerNorm's weight starts as ones: its std is exactly 0 (centred norm, no E[x^2]-mean^2 cancellation)
+    assert run.layer_series("weight_std")[0, norm_w] == 0.0
+    assert run.layers[run.layer_index("body.weight")].module_type == "Linear"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_gradients_are_flagged_and_stored(bad: float, tmp_path: Path) -> None:
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ref = Reference(model, opt)
+    target = model[2].weight
+
+    def inject(step: int) -> None:
+        if step == 3:
+            target.grad[0, 0] = bad
+
+    with gw.watch(model, opt, out=tmp_path / "run", flush_every=4, sample_every=1, quiet=True):
+        train(model, opt, 6, before_step=inject)
+    run = gw.load_run(tmp_path / "run")
+    i = run.layer_index("2.weight")
+    flags = run.layer_series("grad_nonfinite")
+    assert flags[3, i] == 1 and flags[2, i] == 0
+    assert flags[3, run.layer_index("0.weight")] == 0
+    assert not np.isfinite(run.layer_series("grad_norm")[3, i])
+    assert not np.isfinite(run.step_series("grad_norm")[3])
+    if not np.isnan(bad):
+        assert run.layer_series("grad_maxabs")[3, i] == np.inf
+    assert_matches_reference(run, ref, sample_every=1)
+
+
+def test_histograms_count_every_finite_element(tmp_path: Path) -> None:
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ref = Reference(model, opt)
+    with gw.watch(model, opt, out=tmp_path / "run", hist_every=2, quiet=True):
+        train(model, opt, 5)
+    steps, counts, edges = gw.load_run(tmp_path / "run").histograms()
+    assert list(steps) == [0, 2, 4]
+    for row, step in enumerate(steps):
+        for i, g in enumerate(ref.grads[step]):
+            with np.errstate(divide="ignore"):
+                logs = np.log10(np.abs(g.ravel()))
+            expected, _ = np.histogram(np.clip(logs, edges[0], edges[-1]), bins=edges)
+            # float32 log10 may put a value at a bin edge into the neighbouring bin
+            assert counts[row, i].sum() == g.size
+            assert np.abs(counts[row, i] - expected).sum() <= 2
+
+
+# ------------------------------------------------------------------------------ host syncs
+
+SYNC_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.item.default}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the dispatcher ops that make the host wait for a device value, and copies into
+    the probe's host staging buffer (the device->host transfer)."""
+
+    def __init__(self, staging: torch.Tensor):
+        super().__init__()
+        self.staging_ptr = staging.data_ptr()
+        self.syncs: list[str] = []
+        self.transfers = 0
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops += 1
+        if func in SYNC_OPS:
+            self.syncs.append(str(func))
+        if func is aten.copy_.default and args[0].data_ptr() == self.staging_ptr:
+            self.transfers += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _instrument(probe: TorchProbe, log: dict[str, list[SyncCounter]]) -> None:
+    """Run each probe entry point under its own counter."""
+    for name in ("on_before_optimizer_step", "on_after_optimizer_step", "flush"):
+        original = getattr(probe, name)
+
+        def wrapped(*a, _original=original, _name=name, **k):  # type: ignore[no-untyped-def]
+            counter = SyncCounter(probe._staging)
+            with counter:
+                result = _original(*a, **k)
+            log[_name].append(counter)
+            return result
+
+        setattr(probe, name, wrapped)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_zero_syncs_per_step_and_one_transfer_per_flush(arch: str, tmp_path: Path) -> None:
+    model = make(arch)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    w = gw.Watch(model, opt, out=tmp_path / "run", flush_every=5, sample_every=2, hist_every=3, quiet=True).attach()
+    log: dict[str, list[SyncCounter]] = {"on_before_optimizer_step": [], "on_after_optimizer_step": [], "flush": []}
+    probe = w._attached[id(opt)].probe
+    _instrument(probe, log)
+    train(model, opt, 12, on_step=lambda loss: w.log(loss=loss))
+    w.close()
+    steps = log["on_before_optimizer_step"]
+    assert len(steps) == 12 and len(log["on_after_optimizer_step"]) == 12
+    # Flushes: at the start of steps 5 and 10 (inside the step hook) and the final one at close.
+    flushes = log["flush"]
+    assert len(flushes) == 3
+    assert all(c.syncs == [] for c in flushes)
+    assert [c.transfers for c in flushes] == [1, 1, 1]
+    # The per-step work, minus the flushes nested in it, never syncs and never copies to the host.
+    for c in steps + log["on_after_optimizer_step"]:
+        assert c.syncs == [], c.syncs
+    assert all(c.ops > 0 for c in steps)  # the counter did see the probe's device work
+    assert [c.ops > 0 for c in log["on_after_optimizer_step"]] == [i % 2 == 0 for i in range(12)]  # sampled steps
+    assert sum(c.transfers for c in steps) == 2  # exactly the two nested flushes
+    assert len(gw.load_run(tmp_path / "run").steps) == 12
+
+
+def test_the_counter_catches_a_sync() -> None:
+    """The instrument itself works: a Python `if` on a tensor and .item() are seen."""
+    x = torch.ones(3)
+    with SyncCounter(torch.empty(1)) as c:
+        if (x > 0).all():
+            pass
+        x.sum().item()
+    assert len(c.syncs) == 2
+
+
+def test_probe_source_has_no_scalar_reads() -> None:
+    """On CPU `.numpy()`/`.tolist()` of a tensor do not dispatch, so the counter can't see them: read the source."""
+    import gradwatch.probe.torch as probe_module
+
+    src = Path(probe_module.__file__).read_text().splitlines()
+    pattern = re.compile(r"\.item\(\)|\.tolist\(\)|\.cpu\(\)|\.numpy\(\)|(?<![\w.])float\(|(?<![\w.])bool\(")
+    offenders = [line for line in src if pattern.search(line) and "# sync-ok" not in line]
+    assert offenders == []
+
+
+# ------------------------------------------------------------------------------ training untouched
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "transformer", "lstm"])
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam", "AdamW"])
+def test_final_weights_bit_identical_with_and_without_watch(arch: str, opt_name: str, tmp_path: Path) -> None:
+    def run(watched: bool) -> dict[str, torch.Tensor]:
+        model = make(arch, seed=3)
+        kwargs = {"lr": 0.05, "momentum": 0.9} if opt_name == "SGD" else {"lr": 1e-3}
+        opt = getattr(torch.optim, opt_name)(model.parameters(), **kwargs)
+        if watched:
+            with gw.watch(model, opt, out=tmp_path / "run", flush_every=3, sample_every=2, hist_every=2, quiet=True) as w:
+                train(model, opt, 8, on_step=lambda loss: w.log(loss=loss))
+        else:
+            train(model, opt, 8)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    plain, watched = run(False), run(True)
+    assert plain.keys() == watched.keys()
+    for k in plain:
+        assert torch.equal(plain[k], watched[k]), k
+
+
+def test_hooks_attach_on_enter_and_detach_on_exit(tmp_path: Path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    w = gw.Watch(model, opt, out=tmp_path / "run", quiet=True)
+    assert len(opt._optimizer_step_pre_hooks) == 0
+    with w:
+        assert len(opt._optimizer_step_pre_hooks) == 1 and len(opt._optimizer_step_post_hooks) == 1
+    assert len(opt._optimizer_step_pre_hooks) == 0 and len(opt._optimizer_step_post_hooks) == 0
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
+    train(model, opt, 2)  # steps after exit are not recorded and do not fail
+    assert len(gw.load_run(tmp_path / "run").steps) == 0
+
+
+def test_loss_is_recorded_on_its_step_without_a_sync(tmp_path: Path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses: list[float] = []
+    with gw.watch(model, opt, out=tmp_path / "run", flush_every=3, quiet=True) as w:
+        def log(loss: torch.Tensor) -> None:
+            w.log(loss=loss)
+            losses.append(loss.item())
+        train(model, opt, 7, on_step=log)
+    np.testing.assert_allclose(gw.load_run(tmp_path / "run").step_series("loss"), losses, rtol=1e-6)
+
+
+def test_learning_rate_follows_the_scheduler(tmp_path: Path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    with gw.watch(model, opt, out=tmp_path / "run", flush_every=4, quiet=True):
+        train(model, opt, 6, on_step=lambda loss: sched.step())
+    np.testing.assert_allclose(gw.load_run(tmp_path / "run").step_series("lr"), [0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+
+
+def test_layer_table_names_modules_and_following_activations() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Sigmoid(),
+        torch.nn.Linear(8, 8), torch.nn.Dropout(0.1), torch.nn.Tanh(), torch.nn.Linear(8, 1),
+    )
+    layers, params = build_layer_table(model, list(model.parameters()))
+    table = {layer.name: layer for layer in layers}
+    assert table["0.weight"].activation == "Sigmoid"
+    assert table["3.weight"].activation == "Tanh"
+    assert table["6.weight"].activation is None
+    assert table["1.weight"].module_type == "BatchNorm1d"
+    assert table["0.weight"].shape == (8, 4) and table["0.weight"].numel == 32
+    stray, _ = build_layer_table(SmallTransformer(), list(mlp().parameters()))  # not the model's: by position
+    assert [l.name for l in stray][:2] == ["param.0", "param.1"] and {l.module_type for l in stray} == {"?"}
+    t = SmallTransformer()
+    enc, _ = build_layer_table(t, list(t.parameters()))
+    assert next(l for l in enc if l.name.endswith("layers.0.linear1.weight")).activation == "ReLU"
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: gw.watch(torch.nn.ReLU(), torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1)), "no parameters"),
+        (lambda: gw.watch(mlp(), None), "needs the optimizer"),
+        (lambda: gw.watch("model", torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1)), "must be a torch.nn.Module"),
+        (lambda: gw.watch(mlp(), "adam"), "must be a torch.optim.Optimizer"),
+        (lambda: gw.watch(mlp(), torch.optim.SGD(mlp().parameters(), lr=1), flush_every=0), "flush_every must be a positive integer"),
+    ],
+)
+def test_bad_input_gets_one_clear_sentence(call, message: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(gw.GradwatchError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def test_an_internal_error_stops_recording_but_not_training(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, out=tmp_path / "run", flush_every=2, quiet=True) as w:
+        train(model, opt, 3)
+        def boom(*args: object) -> None:
+            raise RuntimeError("injected")
+
+        w._attached[id(opt)].probe._grad_stats = boom  # break the probe
+        train(model, opt, 3)  # must not raise
+    assert "stopped recording SGD at step 3" in capsys.readouterr().err
+    assert list(gw.load_run(tmp_path / "run").steps) == [0, 1, 2]
