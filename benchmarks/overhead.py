@@ -69,6 +69,9 @@ GRADWATCH_SETTINGS = {"flush_every": 50, "sample_every": 10}
 METHOD_ORDER = ["unmonitored", "gradwatch", "naive .item()", "lightning grad_norm", "wandb.watch"]
 BASELINE = "unmonitored"
 
+# Above this share of the machine's CPU used by other processes, the results get a warning.
+FOREIGN_CPU_WARN = 0.05
+
 # Short CLI aliases for the method names (which contain spaces and dots).
 METHOD_ALIASES = {
     "unmonitored": "unmonitored",
@@ -435,6 +438,58 @@ def compare_weights(trainees: dict[str, Trainee], results: dict[str, Result]) ->
         )
 
 
+class ForeignCpuMeter:
+    """CPU time used by processes outside this benchmark's own process tree (Linux only).
+
+    Overhead ratios of a few percent are meaningless if something else is competing for the
+    cores, and medians hide intermittent competition well enough that it would go unnoticed.
+    Our tree includes wandb's wandb-core child, whose work is part of what is being measured.
+    """
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start = self._sample()
+        self._wall0 = time.perf_counter()
+
+    def _sample(self) -> tuple[float, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+            machine_busy = user + nice + system + irq + softirq + steal
+            return machine_busy / self._tick, self._own_tree_ticks() / self._tick
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _own_tree_ticks() -> int:
+        procs: dict[int, tuple[int, int]] = {}  # pid -> (ppid, cpu ticks incl. reaped children)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                # Fields after the ")" that closes the command name, which may contain spaces.
+                rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the process exited while we looked
+            ppid = int(rest[1])
+            utime, stime, cutime, cstime = map(int, rest[11:15])
+            procs[int(entry.name)] = (ppid, utime + stime + cutime + cstime)
+        tree, frontier = set(), {os.getpid()}
+        while frontier:
+            tree |= frontier
+            frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier} - tree
+        return sum(procs[pid][1] for pid in tree if pid in procs)
+
+    def foreign_share(self) -> float | None:
+        """Fraction of the machine's total CPU capacity used by others since construction."""
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        wall = time.perf_counter() - self._wall0
+        foreign = (end[0] - self._start[0]) - (end[1] - self._start[1])
+        return max(foreign, 0.0) / (wall * (os.cpu_count() or 1))
+
+
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
@@ -456,34 +511,36 @@ def table_rows(results: list[Result]) -> list[list[str]]:
     rows = []
     for r in results:
         if r.problem or not r.window_ms:
-            rows.append([r.model, r.method, r.problem or "no data", "", "", "", ""])
+            problem = r.problem or "no data"
+            status = "n/a" if problem.startswith("n/a") else "failed"
+            rows.append([r.model, r.method, status, "", "", "", problem])
             continue
         med = statistics.median(r.window_ms)
         q1, q3 = quartiles(r.window_ms)
         base = baselines.get(r.model)
         ratio = f"{med / base:.2f}x" if base else "-"
         if r.method == BASELINE:
-            same = "(reference)"
+            note = "reference"
         elif r.weight_diff is None:
-            same = "-"
+            note = ""
         elif r.weight_diff == 0:
-            same = "yes"
+            note = "same weights"
         else:
-            same = f"no (max diff {r.weight_diff:.1e})"
+            note = f"WEIGHTS DIFFER (max {r.weight_diff:.1e})"
         rows.append([
             r.model, r.method, f"{med:.2f}", ratio, f"{q1:.2f}-{q3:.2f}",
-            f"{statistics.fmean(r.window_ms):.2f}", same,
+            f"{statistics.fmean(r.window_ms):.2f}", note,
         ])  # fmt: skip
     return rows
 
 
 HEADERS = [
-    "model", "method", "median ms/step", "vs unmonitored", "IQR ms/step", "mean ms/step",
-    "same weights",
+    "model", "method", "median ms/step", "vs unmonitored", "IQR ms/step", "mean ms/step", "note",
 ]  # fmt: skip
 
 
 def markdown_table(rows: list[list[str]]) -> str:
+    rows = [[c.replace("|", "\\|") for c in r] for r in rows]  # a "|" in an error would split a cell
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
     numeric = {2, 3, 4, 5}
 
@@ -544,10 +601,11 @@ def machine_lines(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def notes(args: argparse.Namespace) -> list[str]:
+def notes(args: argparse.Namespace, foreign_share: float | None) -> list[str]:
     out = [
         "median/IQR/mean are over repeats of (time of K consecutive steps)/K; ratio uses medians.",
-        "'same weights': final weights equal to the unmonitored copy's (monitoring must not alter training).",
+        "'same weights': after the run, the method's weights are bitwise equal to the unmonitored "
+        "copy's (monitoring must not alter training).",
         "wandb.watch does part of its work in a separate wandb-core process; on a machine with few "
         "cores that work competes with whichever method is running at the time.",
     ]
@@ -557,6 +615,11 @@ def notes(args: argparse.Namespace) -> list[str]:
             f"K={args.steps_per_repeat} is not a multiple of {period} (gradwatch sample/flush "
             "periods): windows hold unequal shares of gradwatch's periodic work; trust the mean "
             "more than the median for gradwatch."
+        )
+    if foreign_share is not None and foreign_share > FOREIGN_CPU_WARN:
+        out.append(
+            f"WARNING: other processes used {foreign_share:.0%} of the CPU during the run; the "
+            "numbers are contaminated. Rerun on a quiet machine."
         )
     if args.quick:
         out.append("QUICK SMOKE RUN: too few steps for the numbers to mean anything.")
@@ -627,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[Result] = []
     started = time.perf_counter()
+    meter = ForeignCpuMeter()
     with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
         workdir = Path(tmp)
         # Keep wandb's caches and settings out of the user's home directory.
@@ -637,16 +701,19 @@ def main(argv: list[str] | None = None) -> int:
             log(f"benchmarking {model}: {MODELS[model].describe}")
             results += bench_model(MODELS[model], args.methods, args, workdir, log)
     wall = time.perf_counter() - started
+    foreign = meter.foreign_share()
 
     rows = table_rows(results)
     if sys.stderr.isatty():
         print_rich_table(rows)
     print("\n".join(f"- {line}" for line in machine_lines(args)))
     print(f"- wall time: {wall:.0f} s")
+    if foreign is not None:
+        print(f"- CPU used by other processes during the run: {foreign:.0%} of the machine")
     print()
     print(markdown_table(rows))
     print()
-    print("\n".join(f"- {n}" for n in notes(args)))
+    print("\n".join(f"- {n}" for n in notes(args, foreign)))
 
     if args.json:
         args.json.write_text(json.dumps({

@@ -11,7 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradwatch as gw
-from gradwatch.probe.torch import TorchProbe, build_layer_table
+from gradwatch.probe.torch import ProbeConfig, TorchProbe, build_layer_table
+from gradwatch.store import HIST_EXP_MAX, HIST_EXP_MIN
 from models import ARCHITECTURES, OddParams, SmallTransformer, data_for, make, mlp, train
 
 aten = torch.ops.aten
@@ -68,17 +69,18 @@ class Reference:
         raise KeyError(metric)
 
 
-SAMPLED = {"grad_maxabs", "grad_std", "grad_zero_frac", "weight_norm", "weight_rms", "weight_mean", "weight_std", "update_ratio"}
+SAMPLED = {"grad_mean", "grad_maxabs", "grad_std", "grad_zero_frac", "weight_norm", "weight_rms", "weight_mean", "weight_std", "update_ratio"}
 
 
 def assert_matches_reference(run: gw.Run, ref: Reference, sample_every: int) -> int:
     """Every stored statistic equals the float64 reference to 1e-5 relative; returns values checked."""
     names = [layer.name for layer in run.layers]
+    sampled = ProbeConfig(sample_every=sample_every).is_sampled
     checked = 0
     for metric in gw.LAYER_METRICS:
         series = run.layer_series(metric)
         for row, step in enumerate(run.steps):
-            if metric in SAMPLED and step % sample_every:
+            if metric in SAMPLED and not sampled(step):
                 assert np.all(np.isnan(series[row])), f"{metric} at unsampled step {step} should be NaN"
                 continue
             expected = np.array([ref.layer(metric, step, i) for i in range(len(names))])
@@ -95,7 +97,7 @@ def test_every_statistic_equals_float64_reference(arch: str, tmp_path: Path) -> 
     model = make(arch)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     ref = Reference(model, opt)  # registered first, so its pre-hook sees the same gradients
-    with gw.watch(model, opt, out=tmp_path / "run", flush_every=4, sample_every=3, hist_every=5, quiet=True) as w:
+    with gw.watch(model, opt, out=tmp_path / "run", flush_every=4, sample_every=3, quiet=True) as w:
         train(model, opt, 10, on_step=lambda loss: w.log(loss=loss))
     run = gw.load_run(tmp_path / "run")
     assert list(run.steps) == list(range(10))
@@ -152,22 +154,38 @@ def test_nonfinite_gradients_are_flagged_and_stored(bad: float, tmp_path: Path) 
     assert_matches_reference(run, ref, sample_every=1)
 
 
-def test_histograms_count_every_finite_element(tmp_path: Path) -> None:
+def expected_hist(g: np.ndarray) -> np.ndarray:
+    """The stored log2 bins, computed with numpy's frexp: |g| = m * 2^e, m in [0.5, 1)."""
+    x = np.abs(g.astype(np.float32).ravel()).astype(np.float64)
+    finite_nonzero = np.isfinite(x) & (x > 0)
+    e = np.full(x.shape, HIST_EXP_MIN - 1)
+    e[finite_nonzero] = np.frexp(x[finite_nonzero])[1] - 1  # floor(log2 |g|)
+    e[~np.isfinite(x)] = HIST_EXP_MAX
+    bins = np.clip(e - HIST_EXP_MIN + 1, 0, HIST_EXP_MAX - HIST_EXP_MIN + 1)
+    return np.bincount(bins, minlength=HIST_EXP_MAX - HIST_EXP_MIN + 2)
+
+
+def test_histograms_bin_every_element_by_its_exponent(tmp_path: Path) -> None:
     model = mlp(depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     ref = Reference(model, opt)
-    with gw.watch(model, opt, out=tmp_path / "run", hist_every=2, quiet=True):
-        train(model, opt, 5)
-    steps, counts, edges = gw.load_run(tmp_path / "run").histograms()
-    assert list(steps) == [0, 2, 4]
+    big = model[2].weight
+
+    def inject(step: int) -> None:  # values in the outer bins: zero, tiny, huge, inf, nan
+        big.grad[0, :5] = torch.tensor([0.0, 1e-20, 1e6, float("inf"), float("nan")])
+
+    with gw.watch(model, opt, out=tmp_path / "run", sample_every=10, flush_every=7, quiet=True):
+        train(model, opt, 25, before_step=inject)
+    run = gw.load_run(tmp_path / "run")
+    steps, counts, edges = run.histograms()
+    assert list(steps) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]  # dense start, then every 10
+    assert len(edges) == counts.shape[2] + 1 and edges[0] == -np.inf and edges[-1] == np.inf
     for row, step in enumerate(steps):
         for i, g in enumerate(ref.grads[step]):
-            with np.errstate(divide="ignore"):
-                logs = np.log10(np.abs(g.ravel()))
-            expected, _ = np.histogram(np.clip(logs, edges[0], edges[-1]), bins=edges)
-            # float32 log10 may put a value at a bin edge into the neighbouring bin
-            assert counts[row, i].sum() == g.size
-            assert np.abs(counts[row, i] - expected).sum() <= 2
+            np.testing.assert_array_equal(counts[row, i], expected_hist(g))
+    i = run.layer_index("2.weight")
+    zero = run.layer_series("grad_zero_frac")[:, i]
+    assert zero[0] == pytest.approx(np.mean(ref.grads[0][i] == 0)) and zero[0] >= 1 / big.numel()
 
 
 # ------------------------------------------------------------------------------ host syncs
@@ -214,7 +232,7 @@ def _instrument(probe: TorchProbe, log: dict[str, list[SyncCounter]]) -> None:
 def test_zero_syncs_per_step_and_one_transfer_per_flush(arch: str, tmp_path: Path) -> None:
     model = make(arch)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    w = gw.Watch(model, opt, out=tmp_path / "run", flush_every=5, sample_every=2, hist_every=3, quiet=True).attach()
+    w = gw.Watch(model, opt, out=tmp_path / "run", flush_every=5, sample_every=2, quiet=True).attach()
     log: dict[str, list[SyncCounter]] = {"on_before_optimizer_step": [], "on_after_optimizer_step": [], "flush": []}
     probe = w._attached[id(opt)].probe
     _instrument(probe, log)
@@ -231,7 +249,8 @@ def test_zero_syncs_per_step_and_one_transfer_per_flush(arch: str, tmp_path: Pat
     for c in steps + log["on_after_optimizer_step"]:
         assert c.syncs == [], c.syncs
     assert all(c.ops > 0 for c in steps)  # the counter did see the probe's device work
-    assert [c.ops > 0 for c in log["on_after_optimizer_step"]] == [i % 2 == 0 for i in range(12)]  # sampled steps
+    sampled = [ProbeConfig(sample_every=2).is_sampled(i) for i in range(12)]
+    assert [c.ops > 0 for c in log["on_after_optimizer_step"]] == sampled and not all(sampled)
     assert sum(c.transfers for c in steps) == 2  # exactly the two nested flushes
     assert len(gw.load_run(tmp_path / "run").steps) == 12
 
@@ -267,7 +286,7 @@ def test_final_weights_bit_identical_with_and_without_watch(arch: str, opt_name:
         kwargs = {"lr": 0.05, "momentum": 0.9} if opt_name == "SGD" else {"lr": 1e-3}
         opt = getattr(torch.optim, opt_name)(model.parameters(), **kwargs)
         if watched:
-            with gw.watch(model, opt, out=tmp_path / "run", flush_every=3, sample_every=2, hist_every=2, quiet=True) as w:
+            with gw.watch(model, opt, out=tmp_path / "run", flush_every=3, sample_every=2, quiet=True) as w:
                 train(model, opt, 8, on_step=lambda loss: w.log(loss=loss))
         else:
             train(model, opt, 8)
@@ -359,7 +378,7 @@ def test_an_internal_error_stops_recording_but_not_training(tmp_path: Path, caps
         def boom(*args: object) -> None:
             raise RuntimeError("injected")
 
-        w._attached[id(opt)].probe._grad_stats = boom  # break the probe
+        w._attached[id(opt)].probe._put = boom  # break the probe
         train(model, opt, 3)  # must not raise
     assert "stopped recording SGD at step 3" in capsys.readouterr().err
     assert list(gw.load_run(tmp_path / "run").steps) == [0, 1, 2]

@@ -38,15 +38,14 @@ def _add_watch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", metavar="DIR", help="run directory (default: gradwatch-runs/NAME-TIME)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument("--flush-every", type=_positive_int, default=50, metavar="N", help="steps per device->host copy (default 50)")
-    g.add_argument("--sample-every", type=_positive_int, default=10, metavar="N", help="steps between full statistics (default 10)")
-    g.add_argument("--hist-every", type=_positive_int, default=50, metavar="N", help="steps between gradient histograms (default 50)")
+    g.add_argument("--sample-every", type=_positive_int, default=50, metavar="N",
+                   help="steps between full statistics; the gradient norm is recorded every step (default 50)")
 
 
 def _watch_options(ns: argparse.Namespace) -> dict:
     return {
         "flush_every": ns.flush_every,
         "sample_every": ns.sample_every,
-        "hist_every": ns.hist_every,
         "overwrite": ns.overwrite,
     }
 

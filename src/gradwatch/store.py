@@ -53,17 +53,19 @@ LAYER_METRICS: tuple[str, ...] = (
     "update_ratio",
 )
 
-#: Fixed log10|g| histogram bins: 4 per decade from 1e-12 to 1e4. The first bin also holds exact
-#: zeros and anything smaller, the last bin anything larger (infinities included); NaN is not
-#: counted (grad_nonfinite says where it is).
-HIST_LOG10_MIN = -12.0
-HIST_LOG10_MAX = 4.0
-HIST_BINS = 64
+#: Gradient histograms have fixed log2 bins, read straight from the float32 exponent: bin k (for
+#: 1 <= k <= HIST_EXP_MAX - HIST_EXP_MIN) holds 2^(HIST_EXP_MIN+k-1) <= |g| < 2^(HIST_EXP_MIN+k);
+#: bin 0 holds zeros and anything smaller than 2^HIST_EXP_MIN (~9.1e-13); the last bin anything from
+#: 2^HIST_EXP_MAX (16384) up, infinities and NaN included.
+HIST_EXP_MIN = -40
+HIST_EXP_MAX = 14
+HIST_BINS = HIST_EXP_MAX - HIST_EXP_MIN + 2
 
 
 def hist_edges() -> np.ndarray:
-    """The log10 bin edges of the stored histograms (HIST_BINS + 1 values)."""
-    return np.linspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1)
+    """The log10|g| edges of the stored histogram bins (HIST_BINS + 1 values, the outer two infinite)."""
+    inner = np.arange(HIST_EXP_MIN, HIST_EXP_MAX + 1) * np.log10(2.0)
+    return np.concatenate([[-np.inf], inner, [np.inf]])
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class Chunk:
     step_values: dict[str, np.ndarray]  # name -> float (n,)
     layer_values: dict[str, np.ndarray]  # name -> float (n, layers of the stream)
     hist_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    hist: np.ndarray | None = None  # float (m, layers, HIST_BINS)
+    hist: np.ndarray | None = None  # float (m, layers, HIST_BINS) at hist_steps
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
@@ -248,7 +250,7 @@ class RunWriter:
             "options": dict(options or {}),
             "step_metrics": list(STEP_METRICS),
             "layer_metrics": list(LAYER_METRICS),
-            "hist": {"log10_min": HIST_LOG10_MIN, "log10_max": HIST_LOG10_MAX, "bins": HIST_BINS},
+            "hist": {"log2_min": HIST_EXP_MIN, "log2_max": HIST_EXP_MAX, "bins": HIST_BINS},
             "layers": [],
             "streams": [],
         }

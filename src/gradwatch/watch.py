@@ -87,8 +87,8 @@ class Watch:
         optimizer: one optimizer or a list of them (e.g. a GAN's two); each becomes a stream.
         out: the run directory (default ``gradwatch-runs/run-TIME``).
         flush_every: steps per device->host copy and store append.
-        sample_every: steps between full statistics (max |g|, std, zeros, weights, update ratio).
-        hist_every: steps between log10|g| histograms.
+        sample_every: steps between full statistics (mean, std, max |g|, zero fraction, histogram,
+            weights, update ratio); the gradient norm is recorded every step.
         overwrite: replace a run already in ``out`` instead of refusing.
         quiet: print nothing.
 
@@ -103,8 +103,7 @@ class Watch:
         out: str | os.PathLike[str] | None = None,
         *,
         flush_every: int = 50,
-        sample_every: int = 10,
-        hist_every: int = 50,
+        sample_every: int = 50,
         overwrite: bool = False,
         quiet: bool = False,
         _lazy: bool = False,
@@ -119,7 +118,7 @@ class Watch:
             )
         if model is not None and not _lazy and not any(True for _ in model.parameters()):
             raise GradwatchError(f"the model ({type(model).__name__}) has no parameters; there is nothing to watch.")
-        self.config = ProbeConfig(flush_every=flush_every, sample_every=sample_every, hist_every=hist_every)
+        self.config = ProbeConfig(flush_every=flush_every, sample_every=sample_every)
         self.model = model
         self.out = Path(out) if out is not None else default_out()
         self.quiet = quiet

@@ -15,13 +15,13 @@ in float64, from raw sums that the device produced.
 
 Raw quantities per layer (a parameter tensor):
 
-* every step: ``‖g‖₂`` and ``Σg`` — one ``_foreach_norm`` per (device, dtype) group and one sum per
-  tensor, the two cheapest reductions there are (``abs().amax()`` and ``_foreach_norm(ord=inf)`` are
-  an order of magnitude slower on CPU than ``aminmax``; ``var_mean`` slower still);
-* sampled steps (every ``sample_every``): ``min g``, ``max g`` (one ``aminmax``), the count of exact
-  zeros, the centred norm ``‖g − ḡ‖₂`` (exact std without the cancellation of ``E[g²] − ḡ²``), the
-  same three for the weights, and ``‖Δw‖₂`` from the real change made by the optimizer;
-* every ``hist_every`` steps: a fixed-bin histogram of ``log10|g|``.
+* every step: ``‖g‖₂``, one ``_foreach_norm`` per (device, dtype) group — the one pass over the
+  gradients that every step pays for (RMS, the non-finite flag and the global norm derive from it);
+* sampled steps (every ``sample_every``, denser at the start): ``Σg`` and the centred norm
+  ``‖g − ḡ‖₂`` accumulated in float64 (exact mean and std), ``min g`` and ``max g`` (one ``aminmax``;
+  ``abs().amax()`` and ``_foreach_norm(ord=inf)`` are ~10x slower on CPU), a log2 histogram of ``|g|``
+  read from the float32 exponent bits (5x cheaper than ``histc`` of ``log10``; its zero bin gives the
+  zero fraction), the same moments of the weights, and ``‖Δw‖₂`` of the real update.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import GradwatchError
-from ..store import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, LAYER_METRICS, STEP_METRICS, Chunk, LayerInfo
+from ..store import HIST_BINS, HIST_EXP_MAX, HIST_EXP_MIN, LAYER_METRICS, STEP_METRICS, Chunk, LayerInfo
 
 # ------------------------------------------------------------------------------------ layer table
 
@@ -148,27 +148,32 @@ class ProbeConfig:
 
     Args:
         flush_every: steps per device->host copy (and per store append).
-        sample_every: steps between full statistics (max |g|, std, zero fraction, weights, update ratio).
-        hist_every: steps between log10|g| histograms.
+        sample_every: steps between full statistics (everything but the gradient norm). The first
+            ``2 * sample_every`` steps are sampled five times as densely: problems show early.
     """
 
     flush_every: int = 50
-    sample_every: int = 10
-    hist_every: int = 50
+    sample_every: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("flush_every", "sample_every", "hist_every"):
+        for name in ("flush_every", "sample_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise GradwatchError(f"{name} must be a positive integer; got {v!r}.")
 
+    def is_sampled(self, step: int) -> bool:
+        if step % self.sample_every == 0:
+            return True
+        dense = max(1, self.sample_every // 5)
+        return step < 2 * self.sample_every and step % dense == 0
 
-# Raw slot blocks of a ring row: each block holds one value per layer.
-_EVERY = ("g_norm", "g_sum")
-_SAMPLED = ("g_min", "g_max", "g_zeros", "g_cnorm", "w_norm", "w_sum", "w_cnorm", "dw_norm")
-_BLOCKS = _EVERY + _SAMPLED
-_LOSS, _LR = 0, 1  # step slots at the start of a row
+
+# Raw slots of a ring row: two step slots, then blocks of one value per layer.
+_BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w_cnorm", "dw_norm")
+_LOSS, _LR = 0, 1
 _STEP_SLOTS = 2
+_EXP_BINS = 256  # every value of a float32's 8-bit exponent field
+_CHUNK = 1 << 22  # elements per float64 scratch pass: bounds the scratch at 32 MiB per device
 
 
 class _Group:
@@ -178,7 +183,48 @@ class _Group:
         self.layer_ids = layer_ids
         self.params = params
         self.weights = [p.detach() for p in params]
+        self.device = params[0].device
         self.nonempty = [p.numel() > 0 for p in params]
+        self.scratch = torch.empty(min(max(p.numel() for p in params), _CHUNK), dtype=torch.float64, device=self.device)
+
+
+def _exact_moments(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σx, ‖x − x̄‖₂)`` accumulated in float64, without a full-size temporary.
+
+    Two passes through a bounded float64 scratch: the centred norm has none of the cancellation of
+    ``E[x²] − x̄²`` (a LayerNorm weight of ones has std exactly 0), and the sum none of the float32
+    rounding that makes a cancelling mean (softmax output-bias gradients sum to 0) pure noise.
+    """
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        return zero, zero
+    chunks = [flat[i : i + _CHUNK] for i in range(0, n, _CHUNK)]
+    total = None
+    for c in chunks:
+        buf = scratch[: c.numel()]
+        buf.copy_(c)
+        part = buf.sum()
+        total = part if total is None else total + part
+    mean = total / n
+    sq = None
+    for c in chunks:
+        buf = scratch[: c.numel()]
+        buf.copy_(c)
+        part = torch.linalg.vector_norm(buf.sub_(mean)).square()
+        sq = part if sq is None else sq + part
+    return total, sq.sqrt()
+
+
+def _exponent_counts(g: torch.Tensor) -> torch.Tensor:
+    """Counts of the float32 exponent field of every element: a log2 histogram of |g| in two
+    integer passes (the exponent is read from the bits; no log, no float compare)."""
+    x = g.detach()
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    exp = torch.bitwise_right_shift(x.reshape(-1).view(torch.int32), 23).bitwise_and_(0xFF)
+    return torch.bincount(exp, minlength=_EXP_BINS)
 
 
 class TorchProbe:
@@ -186,7 +232,7 @@ class TorchProbe:
 
     Args:
         params: parameters in layer-table order.
-        layers: their layer table (for numel on the host side).
+        layers: their layer table.
         config: schedules.
         sink: receives each flushed :class:`~gradwatch.store.Chunk` on the host.
     """
@@ -215,12 +261,15 @@ class TorchProbe:
         # One device buffer holds both rings, so a flush is exactly one device->host copy.
         cap = config.flush_every
         self._width = _STEP_SLOTS + len(_BLOCKS) * n
-        self._hist_cap = -(-cap // config.hist_every) + 1
+        # Sampled steps in any window of `cap` consecutive steps (a manual flush can start one anywhere).
+        horizon = 2 * config.sample_every + 2 * cap
+        marks = np.array([config.is_sampled(s) for s in range(horizon)], dtype=np.int64)
+        self._hist_cap = int(np.convolve(marks, np.ones(cap, np.int64), mode="valid").max())
         ring_size = cap * self._width
-        total = ring_size + self._hist_cap * n * HIST_BINS
+        total = ring_size + self._hist_cap * n * _EXP_BINS
         self._buf = torch.full((total,), math.nan, dtype=torch.float32, device=self.device)
         self._ring = self._buf[:ring_size].view(cap, self._width)
-        self._hist = self._buf[ring_size:].view(self._hist_cap, n, HIST_BINS)
+        self._hist = self._buf[ring_size:].view(self._hist_cap, n, _EXP_BINS)
         pinned = self.device.type == "cuda"
         self._staging = torch.empty((total,), dtype=torch.float32, pin_memory=pinned)
 
@@ -239,19 +288,21 @@ class TorchProbe:
         self._snapshot: list[list[torch.Tensor]] | None = None
         self._lr_tensor = False
 
-    # -- indices ------------------------------------------------------------------------------------
-
-    def _slot_index(self, key: tuple, blocks: Sequence[str], layer_ids: Sequence[int]) -> torch.Tensor:
-        """Ring columns for ``blocks`` × ``layer_ids``, built once per pattern (no per-step H2D copy)."""
+    def _slot_index(self, key: tuple, block: str, layer_ids: Sequence[int]) -> torch.Tensor:
+        """Ring columns of ``block`` for ``layer_ids``, built once per pattern (no per-step H2D copy)."""
         idx = self._index_cache.get(key)
         if idx is None:
             n = len(self._params)
-            cols = [_STEP_SLOTS + _BLOCKS.index(b) * n + i for b in blocks for i in layer_ids]
-            idx = torch.tensor(cols, dtype=torch.long, device=self.device)
+            start = _STEP_SLOTS + _BLOCKS.index(block) * n
+            idx = torch.tensor([start + i for i in layer_ids], dtype=torch.long, device=self.device)
             self._index_cache[key] = idx
         return idx
 
-    # -- hook points ----------------------------------------------------------------------------------
+    def _put(self, row: torch.Tensor, block: str, key: tuple, layer_ids: Sequence[int], values: list[torch.Tensor]) -> None:
+        stacked = torch.stack(values).to(device=self.device, dtype=torch.float32)
+        row.index_copy_(0, self._slot_index((block, *key), block, layer_ids), stacked)
+
+    # -- hook points ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def on_before_optimizer_step(self, lr: float | torch.Tensor | None = None) -> None:
@@ -259,99 +310,68 @@ class TorchProbe:
         if self._rows == self.config.flush_every:
             self.flush()
         row, step = self._rows, self.step
-        sampled = step % self.config.sample_every == 0
+        sampled = self.config.is_sampled(step)
         self._steps[row] = step
         self._time[row] = time.perf_counter() - self._t0
-        self._lr[row] = math.nan
+        self._lr[row] = lr if isinstance(lr, (int, float)) else math.nan
         self._present[row] = False
+        ring_row = self._ring[row]  # all NaN: filled at creation and after each flush
         if isinstance(lr, torch.Tensor):
             self._lr_tensor = True
-        elif lr is not None:
-            self._lr[row] = lr
-
-        ring_row = self._ring[row]
-        ring_row.fill_(math.nan)
-        if isinstance(lr, torch.Tensor):
             ring_row[_LR].copy_(lr.detach(), non_blocking=True)
         if self._pending_loss is not None:
             self._write_loss(row, self._pending_loss)
             self._pending_loss = None
-
-        hist = step % self.config.hist_every == 0
-        if hist:
-            hrow = len(self._hist_steps)
-            self._hist[hrow].fill_(math.nan)
+        hrow = len(self._hist_steps)
         snapshot: list[list[torch.Tensor]] = []
         for gi, group in enumerate(self._groups):
-            ids, grads, full = [], [], []
-            for i, p, nonempty in zip(group.layer_ids, group.params, group.nonempty):
+            ids, grads = [], []
+            for i, p in zip(group.layer_ids, group.params):
                 g = p.grad
                 if g is not None and not g.is_sparse:
                     ids.append(i)
                     grads.append(g)
-                    full.append(nonempty)
             self._present[row, ids] = True
+            key = (gi, tuple(ids))
             if grads:
-                self._grad_stats(ring_row, gi, ids, grads, full, sampled)
-                if hist:
-                    self._grad_hist(hrow, ids, grads)
+                self._put(ring_row, "g_norm", key, ids, torch._foreach_norm(grads, 2, dtype=torch.float32))
+                if sampled:
+                    self._grad_details(ring_row, hrow, key, ids, grads)
             if sampled:
-                self._weight_stats(ring_row, gi, group)
+                self._weight_details(ring_row, gi, group)
                 snapshot.append(torch._foreach_mul(group.weights, 1.0))
         self._snapshot = snapshot if sampled else None
         # Commit the row last: a step that failed half-way is never flushed as if it were whole.
         self._rows = row + 1
         self.step = step + 1
-        if hist:
+        if sampled:
             self._hist_steps.append(step)
 
-    def _grad_stats(
-        self, ring_row: torch.Tensor, gi: int, ids: list[int], grads: list[torch.Tensor],
-        full: list[bool], sampled: bool,
+    def _grad_details(
+        self, ring_row: torch.Tensor, hrow: int, key: tuple, ids: list[int], grads: list[torch.Tensor]
     ) -> None:
-        f32 = torch.float32
-        norms = torch._foreach_norm(grads, 2, dtype=f32)
-        # Sums in float64: a gradient's mean is often a small difference of large terms.
-        sums = [g.sum(dtype=torch.float64) for g in grads]
-        key = (gi, tuple(ids))
-        ring_row.index_copy_(
-            0, self._slot_index(("g",) + key, _EVERY, ids), torch.stack([*norms, *[s.to(f32) for s in sums]]).to(self.device)
-        )
-        if not sampled:
-            return
+        group = self._groups[key[0]]
+        moments = [_exact_moments(g, group.scratch) for g in grads]
+        self._put(ring_row, "g_sum", key, ids, [m[0] for m in moments])
+        self._put(ring_row, "g_cnorm", key, ids, [m[1] for m in moments])
         # aminmax raises on empty tensors: those keep NaN for min and max.
-        mm = [torch.aminmax(g) for g, f in zip(grads, full) if f]
-        if mm:
-            mm_ids = [i for i, f in zip(ids, full) if f]
-            vals = [m.min.to(f32) for m in mm] + [m.max.to(f32) for m in mm]
-            ring_row.index_copy_(0, self._slot_index(("mm",) + key, ("g_min", "g_max"), mm_ids), torch.stack(vals).to(self.device))
-        zeros = [(g == 0).sum().to(f32) for g in grads]
-        cnorms = [torch.linalg.vector_norm(g.to(f32) - (s / max(g.numel(), 1)).to(f32)) for g, s in zip(grads, sums)]
-        ring_row.index_copy_(0, self._slot_index(("gz",) + key, ("g_zeros", "g_cnorm"), ids), torch.stack(zeros + cnorms).to(self.device))
+        full = [(i, g) for i, g in zip(ids, grads) if g.numel()]
+        if full:
+            mm = [torch.aminmax(g) for _, g in full]
+            fids = [i for i, _ in full]
+            self._put(ring_row, "g_min", ("mm", *key), fids, [m.min for m in mm])
+            self._put(ring_row, "g_max", ("mm", *key), fids, [m.max for m in mm])
+        hidx = self._index_cache.get(("h", key))
+        if hidx is None:
+            hidx = self._index_cache[("h", key)] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        counts = torch.stack([_exponent_counts(g) for g in grads]).to(device=self.device, dtype=torch.float32)
+        self._hist[hrow].index_copy_(0, hidx, counts)
 
-    def _weight_stats(self, ring_row: torch.Tensor, gi: int, group: _Group) -> None:
-        ws = group.weights
-        f32 = torch.float32
-        norms = torch._foreach_norm(ws, 2, dtype=f32)
-        sums = [w.sum(dtype=torch.float64) for w in ws]
-        cnorms = [torch.linalg.vector_norm(w.to(f32) - (s / max(w.numel(), 1)).to(f32)) for w, s in zip(ws, sums)]
-        idx = self._slot_index(("w", gi), ("w_norm", "w_sum", "w_cnorm"), group.layer_ids)
-        ring_row.index_copy_(0, idx, torch.stack([*norms, *[s.to(f32) for s in sums], *cnorms]).to(self.device))
-
-    def _grad_hist(self, hrow: int, ids: list[int], grads: list[torch.Tensor]) -> None:
-        # Zeros map to -inf and are clamped into the first bin; inf into the last; NaN is dropped.
-        hs = [
-            torch.histc(
-                g.detach().abs().to(torch.float32).log10_().clamp_(HIST_LOG10_MIN, HIST_LOG10_MAX),
-                bins=HIST_BINS, min=HIST_LOG10_MIN, max=HIST_LOG10_MAX,
-            )
-            for g in grads
-        ]
-        key = ("h", tuple(ids))
-        idx = self._index_cache.get(key)
-        if idx is None:
-            idx = self._index_cache[key] = torch.tensor(ids, dtype=torch.long, device=self.device)
-        self._hist[hrow].index_copy_(0, idx, torch.stack(hs).to(self.device))
+    def _weight_details(self, ring_row: torch.Tensor, gi: int, group: _Group) -> None:
+        moments = [_exact_moments(w, group.scratch) for w in group.weights]
+        self._put(ring_row, "w_norm", ("w", gi), group.layer_ids, torch._foreach_norm(group.weights, 2, dtype=torch.float32))
+        self._put(ring_row, "w_sum", ("w", gi), group.layer_ids, [m[0] for m in moments])
+        self._put(ring_row, "w_cnorm", ("w", gi), group.layer_ids, [m[1] for m in moments])
 
     @torch.no_grad()
     def on_after_optimizer_step(self) -> None:
@@ -361,11 +381,10 @@ class TorchProbe:
         ring_row = self._ring[self._rows - 1]  # the row that on_before_optimizer_step committed
         for gi, (group, before) in enumerate(zip(self._groups, self._snapshot)):
             torch._foreach_sub_(before, group.weights)
-            dn = torch._foreach_norm(before, 2, dtype=torch.float32)
-            ring_row.index_copy_(0, self._slot_index(("dw", gi), ("dw_norm",), group.layer_ids), torch.stack(dn).to(self.device))
+            self._put(ring_row, "dw_norm", ("dw", gi), group.layer_ids, torch._foreach_norm(before, 2, dtype=torch.float32))
         self._snapshot = None
 
-    # -- loss -------------------------------------------------------------------------------------
+    # -- loss ---------------------------------------------------------------------------------------
 
     def _write_loss(self, row: int, loss: torch.Tensor | float) -> None:
         if isinstance(loss, torch.Tensor):
@@ -385,30 +404,29 @@ class TorchProbe:
         """Attach ``loss`` to the *next* optimizer step (the runner calls this at ``backward()``)."""
         self._pending_loss = loss
 
-    # -- flush ------------------------------------------------------------------------------------
+    # -- flush --------------------------------------------------------------------------------------
 
     def flush(self) -> None:
         """Copy the used rows to the host (one transfer), derive the statistics, hand them to the sink."""
         n = self._rows
         n_hist = len(self._hist_steps)
-        if n == 0 and n_hist == 0:
+        if n == 0:
             return
         used = self._ring[:n].numel() if n_hist == 0 else self._buf.numel()
         self._staging[:used].copy_(self._buf[:used], non_blocking=self._staging.is_pinned())
         if self._staging.is_pinned():
             torch.cuda.current_stream(self.device).synchronize()  # sync-ok: the one sync per flush
+        self._buf[:used].fill_(math.nan)  # ready for the next window: steps then write only what they compute
         host = self._staging.numpy()  # sync-ok: host memory, after the one copy
         ring = host[: self._ring.numel()].reshape(self._ring.shape)[:n].astype(np.float64)
-        chunk = self._derive(ring, n)
-        if n_hist:
-            hist = host[self._ring.numel() :].reshape(self._hist.shape)[:n_hist]
-            chunk.hist_steps = np.array(self._hist_steps, np.int64)
-            chunk.hist = hist.copy()
+        hist = host[self._ring.numel() :].reshape(self._hist.shape)[:n_hist].astype(np.float64)
+        chunk = self._derive(ring, n, hist)
         self._rows = 0
         self._hist_steps = []
         self._sink(chunk)
 
-    def _derive(self, ring: np.ndarray, n: int) -> Chunk:
+    def _derive(self, ring: np.ndarray, n: int, exp_counts: np.ndarray) -> Chunk:
+        """Everything stored, in float64 on the host, from the raw device sums of one window."""
         L = len(self._params)
 
         def block(name: str) -> np.ndarray:
@@ -417,23 +435,24 @@ class TorchProbe:
 
         numel = self._numel[None, :]
         present = self._present[:n]
+        hist_rows = np.searchsorted(self._steps[:n], np.array(self._hist_steps, np.int64))
+        zeros = np.full((n, L), np.nan)
+        zeros[hist_rows] = exp_counts[:, :, 0]  # exponent 0: exact zeros (and subnormals)
         with np.errstate(divide="ignore", invalid="ignore"):
             g_norm = np.where(present, block("g_norm"), np.nan)
-            g_sum = block("g_sum")
-            nonfinite = ~np.isfinite(g_norm) | ~np.isfinite(g_sum)
-            w_norm = block("w_norm")
+            w_norm, w_sum, w_cnorm = block("w_norm"), block("w_sum"), block("w_cnorm")
             layer = {
                 "grad_norm": g_norm,
                 "grad_rms": g_norm / np.sqrt(numel),
-                "grad_mean": g_sum / numel,
+                "grad_mean": block("g_sum") / numel,
                 "grad_std": block("g_cnorm") / np.sqrt(numel),
                 "grad_maxabs": np.maximum(-block("g_min"), block("g_max")),
-                "grad_nonfinite": np.where(present, nonfinite, np.nan),
-                "grad_zero_frac": block("g_zeros") / numel,
+                "grad_nonfinite": np.where(present, ~np.isfinite(g_norm), np.nan),
+                "grad_zero_frac": zeros / numel,
                 "weight_norm": w_norm,
                 "weight_rms": w_norm / np.sqrt(numel),
-                "weight_mean": block("w_sum") / numel,
-                "weight_std": block("w_cnorm") / np.sqrt(numel),
+                "weight_mean": w_sum / numel,
+                "weight_std": w_cnorm / np.sqrt(numel),
                 "update_ratio": block("dw_norm") / w_norm,
             }
             # The global norm over the layers that have a gradient, as clip_grad_norm_ defines it.
@@ -444,4 +463,22 @@ class TorchProbe:
             lr = np.where(np.isnan(lr), ring[:, _LR], lr)
         steps = {"loss": ring[:, _LOSS], "grad_norm": global_norm, "lr": lr, "time": self._time[:n].copy()}
         assert set(steps) == set(STEP_METRICS) and set(layer) == set(LAYER_METRICS)
-        return Chunk(steps=self._steps[:n].copy(), step_values=steps, layer_values=layer)
+        return Chunk(
+            steps=self._steps[:n].copy(),
+            step_values=steps,
+            layer_values=layer,
+            hist_steps=np.array(self._hist_steps, np.int64),
+            hist=fold_exponent_counts(exp_counts),
+        )
+
+
+def fold_exponent_counts(counts: np.ndarray) -> np.ndarray:
+    """Fold 256 float32-exponent counts into the stored bins (see :func:`gradwatch.store.hist_edges`)."""
+    # Exponent field e holds |g| in [2^(e-127), 2^(e-126)); e = 0 zeros and subnormals; e = 255 inf/NaN.
+    lo = HIST_EXP_MIN + 127
+    hi = HIST_EXP_MAX + 127
+    out = np.empty(counts.shape[:-1] + (HIST_BINS,), np.float32)
+    out[..., 0] = counts[..., :lo].sum(-1)
+    out[..., 1:-1] = counts[..., lo:hi]
+    out[..., -1] = counts[..., hi:].sum(-1)
+    return out
