@@ -1,8 +1,9 @@
 """Never lose the record: a run killed, interrupted, crashed or torn still reads back.
 
 The kill tests start a child that trains under ``gradwatch.watch(..., flush_every=10)``, prints
-READY after its 36th optimizer step (step 35) and goes on; the parent reads that line from the
-child's stdout and only then sends the signal, so no test waits on a clock.
+READY after its 36th optimizer step (step 35) and goes on computing; the parent reads that line
+from the child's stdout and only then sends the signal, so no test waits on a clock. A third test
+sweeps SIGTERM over every other line gradwatch executes during a step that flushes.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import gradwatch
 
 TIMEOUT = 120  # a bound on a hung child, never reached by a passing run
 
-# argv: OUT AFTER. After step 35 the child prints READY, then forever either
-#   AFTER == "step": keeps training (forward, backward, optimizer step), or
-#   AFTER == "grad": keeps computing gradients without stepping (a long evaluation, say),
-# so that with "grad" the steps the store holds at a kill are known exactly.
+# argv: OUT. After step 35 the child prints READY and goes on computing gradients forever without
+# stepping the optimizer (think of a long evaluation pass): CPU-busy, with steps 30..35 buffered and
+# not yet flushed, so what the store must hold at a kill is known exactly.
 CHILD = """\
 import sys
 
@@ -36,30 +36,21 @@ from torch import nn
 
 import gradwatch
 
-out, after = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 x, y = torch.randn(64, 8), torch.randn(64, 1)
 
-
-def step():
-    loss = nn.functional.mse_loss(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return loss
-
-
-with gradwatch.watch(model, opt, out=out, flush_every=10) as w:
+with gradwatch.watch(model, opt, out=sys.argv[1], flush_every=10) as w:
     for _ in range(36):
-        w.log(loss=step())
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
     print("READY", flush=True)
     while True:
-        if after == "step":
-            w.log(loss=step())
-        else:
-            nn.functional.mse_loss(model(x), y).backward()
+        nn.functional.mse_loss(model(x), y).backward()
 """
 
 
@@ -80,12 +71,12 @@ def assert_series_sound(run) -> None:
     np.testing.assert_array_equal(run.layer_series("grad_nonfinite"), 0)
 
 
-def start_child(tmp_path: Path, after: str) -> tuple[subprocess.Popen, Path]:
+def start_child(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     out = tmp_path / "run"
     child = subprocess.Popen(
-        [sys.executable, str(script), str(out), after],
+        [sys.executable, str(script), str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     watchdog = threading.Timer(TIMEOUT, child.kill)  # only fires if the child never says READY
@@ -102,7 +93,7 @@ def start_child(tmp_path: Path, after: str) -> tuple[subprocess.Popen, Path]:
 
 
 def test_sigkill_leaves_every_flushed_step(tmp_path):
-    child, out = start_child(tmp_path, after="grad")
+    child, out = start_child(tmp_path)
     child.send_signal(signal.SIGKILL)
     child.communicate(timeout=TIMEOUT)
     assert child.returncode == -signal.SIGKILL
@@ -117,19 +108,106 @@ def test_sigkill_leaves_every_flushed_step(tmp_path):
 
 
 def test_sigterm_flushes_the_last_partial_window(tmp_path):
-    child, out = start_child(tmp_path, after="step")
+    child, out = start_child(tmp_path)
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=TIMEOUT)
     assert child.returncode == 128 + signal.SIGTERM, err
 
     run = gradwatch.load_run(out)
     assert run.status not in ("running", "finished"), run.status
-    n = len(run.steps)
-    assert n >= 36  # everything up to the kill, the unflushed window 30..35 (and later) included
-    np.testing.assert_array_equal(run.steps, np.arange(n))
+    # Everything up to the kill: the unflushed window 30..35 was written on the way out.
+    np.testing.assert_array_equal(run.steps, np.arange(36))
     assert_series_sound(run)
-    assert np.isfinite(run.step_series("loss")[:36]).all()
-    assert f"recorded {n} steps" in err
+    assert np.isfinite(run.step_series("loss")).all()
+    assert "recorded 36 steps" in err
+
+
+# The child runs many short recordings (flush_every=2, three steps). In each, during the third
+# optimizer step (whose pre-step hook flushes steps 0..1), it sends itself SIGTERM at the k-th line
+# that gradwatch's own code executes, for k = 1, 3, 5, ... until the step completes before the k-th
+# line. SystemExit(143) leaves the `with` block and the child goes on to k + 2.
+SWEEP_CHILD = """\
+import os
+import signal
+import sys
+
+import torch
+from torch import nn
+
+import gradwatch
+
+PKG = os.path.dirname(gradwatch.__file__)
+root = sys.argv[1]
+state = {"armed": False, "left": 0, "fired": False}
+
+
+def line_counter(frame, event, arg):
+    if event == "line" and state["armed"]:
+        state["left"] -= 1
+        if state["left"] == 0:
+            state["armed"] = False
+            state["fired"] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+    return line_counter
+
+
+def only_gradwatch(frame, event, arg):
+    return line_counter if frame.f_code.co_filename.startswith(PKG) else None
+
+
+torch.manual_seed(0)
+x, y = torch.randn(32, 4), torch.randn(32, 1)
+k = 1
+while True:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    state.update(armed=False, fired=False, left=k)
+    try:
+        with gradwatch.watch(model, opt, out=f"{root}/k{k}", flush_every=2, quiet=True) as w:
+            for i in range(3):
+                loss = nn.functional.mse_loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                if i == 2:
+                    sys.settrace(only_gradwatch)
+                    state["armed"] = True
+                opt.step()
+                state["armed"] = False
+                sys.settrace(None)
+                w.log(loss=loss)
+    except SystemExit as e:
+        sys.settrace(None)
+        assert e.code == 143, e.code
+    if not state["fired"]:
+        break
+    print(k, flush=True)
+    k += 2
+"""
+
+
+def test_sigterm_at_any_line_of_a_flushing_step_loses_no_step(tmp_path):
+    (tmp_path / "sweep.py").write_text(SWEEP_CHILD)
+    res = subprocess.run(
+        [sys.executable, "sweep.py", str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    ks = [int(k) for k in res.stdout.split()]
+    assert len(ks) > 20, "the flushing step ran fewer gradwatch lines than expected"
+
+    broken = []
+    for k in ks:
+        run = gradwatch.load_run(tmp_path / "runs" / f"k{k}")
+        n = len(run.steps)
+        grad_norm = run.layer_series("grad_norm")
+        sound = (
+            n in (2, 3)  # steps 0 and 1 completed; step 2 may or may not have
+            and np.array_equal(run.steps, np.arange(n))
+            and np.isfinite(grad_norm).all()
+            and run.status not in ("running", "finished")
+        )
+        if not sound:
+            broken.append(f"k={k}: {n} steps, {int(np.isfinite(grad_norm).all(axis=1).sum())} whole, status {run.status}")
+    assert not broken, f"{len(broken)} of {len(ks)} kill points lost or blanked steps:\n" + "\n".join(broken[:3] + ["..."] + broken[-3:])
 
 
 # ------------------------------------------------------------------------------- in-process

@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "demo":
             return _cmd_demo(ns)
     except GradwatchError as e:
-        _err.print(f"gradwatch: error: {e}", markup=False)
+        print(f"gradwatch: error: {e}", file=sys.stderr)  # one line, never wrapped
         return 2
     parser.error(f"unknown command {ns.command!r}")
     return 2

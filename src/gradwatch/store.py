@@ -501,12 +501,17 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     meta_path = p / META_FILE
     if not meta_path.exists():
         if not any(p.iterdir()):
-            raise RunDirError(f"{p} is empty; it holds no gradwatch run (was the run started with out={str(p)!r}?).")
-        raise RunDirError(f"{p} is not a gradwatch run directory: it has no {META_FILE}.")
+            raise RunDirError(f"{p} is empty: no gradwatch run was written there; pass the directory given as out= or --out.")
+        raise RunDirError(
+            f"{p} is not a gradwatch run directory (it has no {META_FILE}); pass the directory given as out= or --out."
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{meta_path} is corrupt ({e}); the run's metadata cannot be read.") from None
+        raise RunDirError(
+            f"{meta_path} is corrupt ({e.__class__.__name__} at byte {getattr(e, 'pos', '?')}), so the run cannot be "
+            "read; restore the file or record the run again."
+        ) from None
     if not isinstance(meta, dict) or meta.get("tool") != "gradwatch" or "layers" not in meta:
         raise RunDirError(f"{meta_path} was not written by gradwatch; pass a gradwatch run directory.")
     version = meta.get("format")
@@ -521,7 +526,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             data, t = _load_stream(p, int(s["index"]), [int(i) for i in s["layers"]])
             streams.append(data)
             torn = torn or t
-    except (KeyError, ValueError, TypeError, pa.ArrowException) as e:
-        raise RunDirError(f"{p} has series files that do not match its {META_FILE} ({e}).") from None
+    except (KeyError, ValueError, TypeError, pa.ArrowException):
+        raise RunDirError(
+            f"{p} has series files that do not match its {META_FILE} (files from different runs mixed up?); "
+            "record the run again or restore the original files."
+        ) from None
     return Run(p, meta, streams, torn)
 

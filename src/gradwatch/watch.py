@@ -14,9 +14,7 @@ from __future__ import annotations
 import atexit
 import os
 import platform
-import signal
 import sys
-import threading
 import time
 import traceback
 import weakref
@@ -27,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from . import shutdown
 from .errors import GradwatchError
 from .probe.torch import ProbeConfig, TorchProbe, build_layer_table
 from .store import LayerInfo, RunWriter, StreamWriter, load_run
@@ -151,7 +150,7 @@ class Watch:
             options = {**asdict(self.config)}
             self._writer = RunWriter(self.out, options=options, framework=framework_info(), overwrite=self._overwrite)
             _live.add(self)
-            _install_signal_handlers()
+            shutdown.acquire()
         return self._writer
 
     def add_optimizer(
@@ -209,22 +208,24 @@ class Watch:
         if att.failed:
             return
         self._last = att
-        try:
-            if self._staged_loss is not None:
-                att.probe.stage_loss(self._staged_loss)
-                self._staged_loss = None
-            att.probe.on_before_optimizer_step(_current_lr(optimizer))
-        except Exception as e:
-            self._fail(att, e)
+        with shutdown.critical:
+            try:
+                if self._staged_loss is not None:
+                    att.probe.stage_loss(self._staged_loss)
+                    self._staged_loss = None
+                att.probe.on_before_optimizer_step(_current_lr(optimizer))
+            except Exception as e:
+                self._fail(att, e)
 
     def on_after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         att = self._attached[id(optimizer)]
         if att.failed:
             return
-        try:
-            att.probe.on_after_optimizer_step()
-        except Exception as e:
-            self._fail(att, e)
+        with shutdown.critical:
+            try:
+                att.probe.on_after_optimizer_step()
+            except Exception as e:
+                self._fail(att, e)
 
     def _fail(self, att: _Attached, error: Exception) -> None:
         # A monitor must never stop training: keep what was recorded, stop this stream, say why.
@@ -269,9 +270,10 @@ class Watch:
 
     def flush(self) -> None:
         """Write every buffered step to the run directory now (one device->host copy per stream)."""
-        for att in self._attached.values():
-            if not att.failed:
-                att.probe.flush()
+        with shutdown.critical:
+            for att in self._attached.values():
+                if not att.failed:
+                    att.probe.flush()
 
     def detach(self) -> None:
         """Remove every hook; the model and optimizers are left as they were."""
@@ -294,12 +296,14 @@ class Watch:
                     file=sys.stderr,
                 )
             return
-        try:
-            self.flush()
-        finally:
-            self._writer.finish(status)
-            self._status = status
-            _live.discard(self)
+        with shutdown.critical:
+            try:
+                self.flush()
+            finally:
+                self._writer.finish(status)
+                self._status = status
+                _live.discard(self)
+                shutdown.release()
         if not self.quiet:
             steps = max((a.probe.step for a in self._attached.values()), default=0)
             n_layers = len(self._writer.layers)
@@ -384,7 +388,6 @@ def _status_for(exc: BaseException | None) -> str:
 # ----------------------------------------------------------------------- never lose the record
 
 _live: "weakref.WeakSet[Watch]" = weakref.WeakSet()
-_signals_installed = False
 
 
 def _close_all(status: str) -> None:
@@ -396,18 +399,3 @@ def _close_all(status: str) -> None:
 
 
 atexit.register(_close_all, "finished")
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    # Unwind like an exception so `with` blocks and the runner flush; exit code as the shell's.
-    raise SystemExit(128 + signum)
-
-
-def _install_signal_handlers() -> None:
-    """Turn SIGTERM into SystemExit (once, main thread only, and only if nobody else handles it)."""
-    global _signals_installed
-    if _signals_installed or threading.current_thread() is not threading.main_thread():
-        return
-    _signals_installed = True
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _on_sigterm)

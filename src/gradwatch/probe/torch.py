@@ -416,14 +416,14 @@ class TorchProbe:
         self._staging[:used].copy_(self._buf[:used], non_blocking=self._staging.is_pinned())
         if self._staging.is_pinned():
             torch.cuda.current_stream(self.device).synchronize()  # sync-ok: the one sync per flush
-        self._buf[:used].fill_(math.nan)  # ready for the next window: steps then write only what they compute
         host = self._staging.numpy()  # sync-ok: host memory, after the one copy
         ring = host[: self._ring.numel()].reshape(self._ring.shape)[:n].astype(np.float64)
         hist = host[self._ring.numel() :].reshape(self._hist.shape)[:n_hist].astype(np.float64)
-        chunk = self._derive(ring, n, hist)
+        self._sink(self._derive(ring, n, hist))
+        # Only once the window is stored: if the sink failed, the next flush tries it again.
+        self._buf[:used].fill_(math.nan)  # steps write only what they compute; the rest stays NaN
         self._rows = 0
         self._hist_steps = []
-        self._sink(chunk)
 
     def _derive(self, ring: np.ndarray, n: int, exp_counts: np.ndarray) -> Chunk:
         """Everything stored, in float64 on the host, from the raw device sums of one window."""
