@@ -311,3 +311,17 @@ def test_series_torn_mid_batch_reads_up_to_the_last_whole_batch(tmp_path):
     np.testing.assert_array_equal(run.steps, np.arange(20))
     np.testing.assert_array_equal(run.layer_series("grad_norm"), whole.layer_series("grad_norm")[:20])
     np.testing.assert_array_equal(run.step_series("loss"), whole.step_series("loss")[:20])
+
+
+def test_signal_handlers_are_restored_when_the_last_watch_closes(tmp_path):
+    import signal
+
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, out=tmp_path / "run", quiet=True):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        if before[0] == signal.SIG_DFL:  # installed over the default only
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
