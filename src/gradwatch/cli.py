@@ -101,7 +101,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
             bar.update(task, completed=done, total=total)
 
         result = run_moons(out, epochs=ns.epochs, progress=progress, quiet=True, **_watch_options(ns))
-    _err.print(f"trained {result.steps} steps: final loss {result.final_loss:.4f}, accuracy {result.accuracy:.3f}")
+    _err.print(f"trained {result.steps} steps; on all 3000 points: loss {result.final_loss:.4f}, accuracy {result.accuracy:.3f}")
     from .report.terminal import flow_profile
     from .store import load_run
 

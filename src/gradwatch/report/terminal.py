@@ -136,11 +136,11 @@ def summary(run: Run) -> Group:
     head.add_row("run", str(run.path))
     head.add_row("status", run.status)
     head.add_row("recorded", f"{len(steps)} steps x {len(run.layers)} layers (optimizers: {opts})")
-    finite_loss = loss[np.isfinite(loss)]
-    if finite_loss.size:
-        head.add_row("loss", f"{_fmt(float(finite_loss[0]))} -> {_fmt(float(finite_loss[-1]))}   {sparkline(loss)}")
-    if len(gnorm):
-        head.add_row("grad norm", f"{_fmt(float(gnorm[0]))} -> {_fmt(float(gnorm[-1]))}   {sparkline(gnorm, log=True)}")
+    for label, series, log in (("loss", loss, False), ("grad norm", gnorm, True)):
+        if np.isfinite(series).any():
+            first = float(_window_median(series[:, None], True)[0])
+            last = float(_window_median(series[:, None], False)[0])
+            head.add_row(label, f"{_fmt(first)} -> {_fmt(last)} (median of first/last 10%)  {sparkline(series, log=log)}")
     nonfinite = run.layer_series("grad_nonfinite")
     bad_steps = np.flatnonzero(np.nan_to_num(nonfinite, nan=0.0).max(axis=1) > 0) if nonfinite.size else []
     if len(bad_steps):
