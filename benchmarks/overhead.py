@@ -28,6 +28,8 @@ Method of measurement (so the numbers can be trusted, or criticised precisely):
   that every window contains the same share of gradwatch's periodic work.
 * After the run the final weights of every method are compared with the unmonitored copy: a
   monitor must not change training.
+* CPU time used by processes outside this benchmark's process tree is measured per model and
+  reported; above 5% of the machine the affected rows get a warning.
 """
 
 from __future__ import annotations
@@ -64,9 +66,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # gradwatch settings used by the `gradwatch` method. The default window length is derived from
 # them (see default_steps_per_repeat) so each timed window holds whole sample/flush periods.
-GRADWATCH_SETTINGS = {"flush_every": 50, "sample_every": 10}
+GRADWATCH_SETTINGS = {"flush_every": 50, "sample_every": 50}  # gradwatch's defaults
 
-METHOD_ORDER = ["unmonitored", "gradwatch", "naive .item()", "lightning grad_norm", "wandb.watch"]
 BASELINE = "unmonitored"
 
 # Above this share of the machine's CPU used by other processes, the results get a warning.
@@ -89,7 +90,7 @@ METHOD_ALIASES = {
 
 
 def build_mlp() -> nn.Module:
-    """24 hidden Linear(512, 512)+ReLU blocks: deep enough for gradients to vanish."""
+    """24 hidden Linear(512, 512)+ReLU blocks: the deep case, 50 parameter tensors."""
     layers: list[nn.Module] = []
     for _ in range(24):
         layers += [nn.Linear(512, 512), nn.ReLU()]
@@ -288,8 +289,8 @@ class WandbWatch:
         wandb.init(
             mode="offline", dir=str(workdir), project="gradwatch-overhead", name=workdir.parent.name
         )
-        # log_freq=1: the gradient/parameter hooks compute histograms on every step; wandb.log
-        # commits them. This is wandb's own recommended setting for "log everything".
+        # log_freq=1: the gradient and parameter hooks build histograms on every step (the other
+        # methods also work every step); wandb.log then commits them to the offline run.
         wandb.watch(t.model, log="all", log_freq=1)
 
     def step(self) -> None:
@@ -307,7 +308,6 @@ METHODS: dict[str, Callable[[Trainee, Path], object]] = {
     "lightning grad_norm": LightningGradNorm,
     "wandb.watch": WandbWatch,
 }
-assert list(METHODS) == METHOD_ORDER
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,13 +601,13 @@ def machine_lines(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def notes(args: argparse.Namespace, foreign_share: float | None) -> list[str]:
+def notes(args: argparse.Namespace, foreign: dict[str, float | None]) -> list[str]:
     out = [
         "median/IQR/mean are over repeats of (time of K consecutive steps)/K; ratio uses medians.",
         "'same weights': after the run, the method's weights are bitwise equal to the unmonitored "
         "copy's (monitoring must not alter training).",
-        "wandb.watch does part of its work in a separate wandb-core process; on a machine with few "
-        "cores that work competes with whichever method is running at the time.",
+        "wandb.watch hands its histograms to a wandb-core child process; work it does after a "
+        "wandb window ends is charged to the next method in the rotation, not to wandb.",
     ]
     period = math.lcm(*GRADWATCH_SETTINGS.values())
     if args.steps_per_repeat % period:
@@ -616,10 +616,11 @@ def notes(args: argparse.Namespace, foreign_share: float | None) -> list[str]:
             "periods): windows hold unequal shares of gradwatch's periodic work; trust the mean "
             "more than the median for gradwatch."
         )
-    if foreign_share is not None and foreign_share > FOREIGN_CPU_WARN:
+    busy = [m for m, v in foreign.items() if v is not None and v > FOREIGN_CPU_WARN]
+    if busy:
         out.append(
-            f"WARNING: other processes used {foreign_share:.0%} of the CPU during the run; the "
-            "numbers are contaminated. Rerun on a quiet machine."
+            f"WARNING: other processes used more than {FOREIGN_CPU_WARN:.0%} of the CPU while "
+            f"benchmarking {', '.join(busy)}; those rows are contaminated. Rerun on a quiet machine."
         )
     if args.quick:
         out.append("QUICK SMOKE RUN: too few steps for the numbers to mean anything.")
@@ -652,8 +653,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS),
                    type=lambda s: parse_list(s, {m: m for m in MODELS}, "model"),
                    help="comma-separated subset of: %(default)s")
-    p.add_argument("--methods", default=",".join(METHOD_ORDER),
-                   type=lambda s: parse_list(s, {**{m: m for m in METHOD_ORDER}, **METHOD_ALIASES}, "method"),
+    p.add_argument("--methods", default=",".join(METHODS),
+                   type=lambda s: parse_list(s, {**{m: m for m in METHODS}, **METHOD_ALIASES}, "method"),
                    help="comma-separated subset of the method names, or the aliases "
                         + ", ".join(sorted(METHOD_ALIASES)))
     p.add_argument("--repeats", type=int, default=None,
@@ -677,6 +678,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, smoke if quick else full)
     if args.repeats < 1 or args.steps_per_repeat < 1 or args.warmup < 0:
         p.error("--repeats and --steps-per-repeat must be >= 1, --warmup >= 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but torch.cuda.is_available() is False")
     return args
 
 
@@ -689,8 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     results: list[Result] = []
+    foreign: dict[str, float | None] = {}  # model -> CPU share used by other processes
     started = time.perf_counter()
-    meter = ForeignCpuMeter()
     with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp:
         workdir = Path(tmp)
         # Keep wandb's caches and settings out of the user's home directory.
@@ -699,17 +706,19 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[var] = str(workdir / "wandb-home")
         for model in args.models:
             log(f"benchmarking {model}: {MODELS[model].describe}")
+            meter = ForeignCpuMeter()
             results += bench_model(MODELS[model], args.methods, args, workdir, log)
+            foreign[model] = meter.foreign_share()
     wall = time.perf_counter() - started
-    foreign = meter.foreign_share()
 
     rows = table_rows(results)
     if sys.stderr.isatty():
         print_rich_table(rows)
     print("\n".join(f"- {line}" for line in machine_lines(args)))
     print(f"- wall time: {wall:.0f} s")
-    if foreign is not None:
-        print(f"- CPU used by other processes during the run: {foreign:.0%} of the machine")
+    if all(v is not None for v in foreign.values()):
+        shares = ", ".join(f"{m} {v:.0%}" for m, v in foreign.items())
+        print(f"- CPU used by other processes while benchmarking (share of the machine): {shares}")
     print()
     print(markdown_table(rows))
     print()
@@ -719,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "command": sys.orig_argv,
             "machine": machine_lines(args),
+            "foreign_cpu_share": foreign,
             "results": [r.__dict__ for r in results],
         }, indent=2))  # fmt: skip
     return 0
