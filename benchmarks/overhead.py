@@ -67,6 +67,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # gradwatch settings used by the `gradwatch` method. The default window length is derived from
 # them (see default_steps_per_repeat) so each timed window holds whole sample/flush periods.
 GRADWATCH_SETTINGS = {"flush_every": 50, "sample_every": 50}  # gradwatch's defaults
+# gradwatch samples 5x more densely in its first 2 * sample_every steps: warm up past them.
+STEADY_WARMUP = 2 * GRADWATCH_SETTINGS["sample_every"]
 
 BASELINE = "unmonitored"
 
@@ -660,7 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed windows per method per model (default 5; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps per method before timing (default 10; 2 with --quick)")
+                   help=f"untimed steps per method before timing (default {STEADY_WARMUP}: past gradwatch's "
+                        "denser sampling of the first steps, so windows measure the steady state; 2 with --quick)")
     p.add_argument("--steps-per-repeat", type=int, default=None, metavar="K",
                    help=f"consecutive steps per timed window (default {default_steps_per_repeat()}, "
                         "one gradwatch flush period; 2 with --quick)")
@@ -672,7 +675,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     quick = args.quick
-    for name, full, smoke in [("repeats", 5, 3), ("warmup", 10, 2),
+    for name, full, smoke in [("repeats", 5, 3), ("warmup", STEADY_WARMUP, 2),
                               ("steps_per_repeat", default_steps_per_repeat(), 2)]:
         if getattr(args, name) is None:
             setattr(args, name, smoke if quick else full)

@@ -173,7 +173,7 @@ _BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w
 _LOSS, _LR = 0, 1
 _STEP_SLOTS = 2
 _EXP_BINS = 256  # every value of a float32's 8-bit exponent field
-_CHUNK = 1 << 22  # elements per float64 scratch pass: bounds the scratch at 32 MiB per device
+_CHUNK = 1 << 22  # elements per scratch pass: bounds a group's scratch at 48 MiB
 
 
 class _Group:
@@ -185,46 +185,61 @@ class _Group:
         self.weights = [p.detach() for p in params]
         self.device = params[0].device
         self.nonempty = [p.numel() > 0 for p in params]
-        self.scratch = torch.empty(min(max(p.numel() for p in params), _CHUNK), dtype=torch.float64, device=self.device)
+        size = min(max(p.numel() for p in params), _CHUNK)
+        self.scratch = torch.empty(size, dtype=torch.float32, device=self.device)
+        self.scratch64 = torch.empty(size, dtype=torch.float64, device=self.device)
+        # The pre-step copy of the weights for ‖Δw‖. On CPU it is kept between sampled steps:
+        # a fresh model-sized allocation there costs page faults that dwarf the copy itself. On
+        # accelerators the caching allocator reuses memory, so the copy lives only for one step.
+        self.keep_snapshot = self.device.type == "cpu"
+        self.snapshot: list[torch.Tensor] | None = None
+
+    def take_snapshot(self) -> list[torch.Tensor]:
+        if not self.keep_snapshot:
+            return torch._foreach_mul(self.weights, 1.0)
+        if self.snapshot is None:
+            self.snapshot = [torch.empty_like(w) for w in self.weights]
+        torch._foreach_copy_(self.snapshot, self.weights)
+        return self.snapshot
 
 
-def _exact_moments(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σx, ‖x − x̄‖₂)`` accumulated in float64, without a full-size temporary.
-
-    Two passes through a bounded float64 scratch: the centred norm has none of the cancellation of
-    ``E[x²] − x̄²`` (a LayerNorm weight of ones has std exactly 0), and the sum none of the float32
-    rounding that makes a cancelling mean (softmax output-bias gradients sum to 0) pure noise.
-    """
+def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
     flat = x.detach().reshape(-1)
-    n = flat.numel()
+    return [flat[i : i + _CHUNK] for i in range(0, flat.numel(), _CHUNK)]
+
+
+def _exact_moments(x: torch.Tensor, scratch: torch.Tensor, scratch64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σx, ‖x − x̄‖₂)``: the sum accumulated in float64, the centred norm from a second pass over
+    ``x − x̄``; both through preallocated scratch (``sum(dtype=float64)`` would allocate a float64
+    copy of the whole tensor each time, and on CPU its page faults cost more than the sum).
+
+    The float64 sum keeps a cancelling mean exact (softmax output-bias gradients sum to 0: in float32
+    their mean is pure rounding noise); the second pass has none of the cancellation of
+    ``E[x²] − x̄²`` (a LayerNorm weight of ones has std exactly 0).
+    """
+    n = x.numel()
     if n == 0:
         zero = torch.zeros((), dtype=torch.float64, device=x.device)
         return zero, zero
-    chunks = [flat[i : i + _CHUNK] for i in range(0, n, _CHUNK)]
-    total = None
-    for c in chunks:
-        buf = scratch[: c.numel()]
-        buf.copy_(c)
-        part = buf.sum()
-        total = part if total is None else total + part
-    mean = total / n
-    sq = None
-    for c in chunks:
-        buf = scratch[: c.numel()]
-        buf.copy_(c)
-        part = torch.linalg.vector_norm(buf.sub_(mean)).square()
-        sq = part if sq is None else sq + part
-    return total, sq.sqrt()
+    chunks = _chunks(x)
+    parts = [scratch64[: c.numel()].copy_(c).sum() for c in chunks]
+    total = torch.stack(parts).sum() if len(parts) > 1 else parts[0]
+    mean = (total / n).to(torch.float32)
+    sq = [torch.linalg.vector_norm(torch.sub(c.to(torch.float32), mean, out=scratch[: c.numel()])) for c in chunks]
+    return total, (torch.linalg.vector_norm(torch.stack(sq)) if len(sq) > 1 else sq[0])
 
 
-def _exponent_counts(g: torch.Tensor) -> torch.Tensor:
-    """Counts of the float32 exponent field of every element: a log2 histogram of |g| in two
-    integer passes (the exponent is read from the bits; no log, no float compare)."""
-    x = g.detach()
-    if x.dtype != torch.float32:
-        x = x.to(torch.float32)
-    exp = torch.bitwise_right_shift(x.reshape(-1).view(torch.int32), 23).bitwise_and_(0xFF)
-    return torch.bincount(exp, minlength=_EXP_BINS)
+def _exponent_counts(g: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Counts of the float32 exponent field of every element: a log2 histogram of |g| from the bits
+    (integer shift and mask into a scratch, then bincount; no log, no float compare)."""
+    bits = scratch.view(torch.int32)
+    counts = None
+    for c in _chunks(g):
+        c32 = c if c.dtype == torch.float32 else c.to(torch.float32)
+        exp = torch.bitwise_right_shift(c32.view(torch.int32), 23, out=bits[: c32.numel()]).bitwise_and_(0xFF)
+        part = torch.bincount(exp, minlength=_EXP_BINS)
+        counts = part if counts is None else counts + part
+    return counts if counts is not None else torch.zeros(_EXP_BINS, dtype=torch.int64, device=g.device)
 
 
 class TorchProbe:
@@ -339,7 +354,7 @@ class TorchProbe:
                     self._grad_details(ring_row, hrow, key, ids, grads)
             if sampled:
                 self._weight_details(ring_row, gi, group)
-                snapshot.append(torch._foreach_mul(group.weights, 1.0))
+                snapshot.append(group.take_snapshot())
         self._snapshot = snapshot if sampled else None
         # Commit the row last: a step that failed half-way is never flushed as if it were whole.
         self._rows = row + 1
@@ -351,7 +366,7 @@ class TorchProbe:
         self, ring_row: torch.Tensor, hrow: int, key: tuple, ids: list[int], grads: list[torch.Tensor]
     ) -> None:
         group = self._groups[key[0]]
-        moments = [_exact_moments(g, group.scratch) for g in grads]
+        moments = [_exact_moments(g, group.scratch, group.scratch64) for g in grads]
         self._put(ring_row, "g_sum", key, ids, [m[0] for m in moments])
         self._put(ring_row, "g_cnorm", key, ids, [m[1] for m in moments])
         # aminmax raises on empty tensors: those keep NaN for min and max.
@@ -364,11 +379,11 @@ class TorchProbe:
         hidx = self._index_cache.get(("h", key))
         if hidx is None:
             hidx = self._index_cache[("h", key)] = torch.tensor(ids, dtype=torch.long, device=self.device)
-        counts = torch.stack([_exponent_counts(g) for g in grads]).to(device=self.device, dtype=torch.float32)
+        counts = torch.stack([_exponent_counts(g, group.scratch) for g in grads]).to(device=self.device, dtype=torch.float32)
         self._hist[hrow].index_copy_(0, hidx, counts)
 
     def _weight_details(self, ring_row: torch.Tensor, gi: int, group: _Group) -> None:
-        moments = [_exact_moments(w, group.scratch) for w in group.weights]
+        moments = [_exact_moments(w, group.scratch, group.scratch64) for w in group.weights]
         self._put(ring_row, "w_norm", ("w", gi), group.layer_ids, torch._foreach_norm(group.weights, 2, dtype=torch.float32))
         self._put(ring_row, "w_sum", ("w", gi), group.layer_ids, [m[0] for m in moments])
         self._put(ring_row, "w_cnorm", ("w", gi), group.layer_ids, [m[1] for m in moments])
