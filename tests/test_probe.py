@@ -382,3 +382,17 @@ def test_an_internal_error_stops_recording_but_not_training(tmp_path: Path, caps
         train(model, opt, 3)  # must not raise
     assert "stopped recording SGD at step 3" in capsys.readouterr().err
     assert list(gw.load_run(tmp_path / "run").steps) == [0, 1, 2]
+
+
+def test_to_pandas_gives_a_long_table(tmp_path: Path) -> None:
+    pytest.importorskip("pandas")
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, out=tmp_path / "run", quiet=True):
+        train(model, opt, 4)
+    run = gw.load_run(tmp_path / "run")
+    frame = run.to_pandas(["grad_rms", "weight_norm"])
+    assert list(frame.columns) == ["step", "layer", "grad_rms", "weight_norm"]
+    assert len(frame) == 4 * len(run.layers)
+    first = frame[(frame.step == 2) & (frame.layer == "2.weight")]
+    assert first.grad_rms.iloc[0] == run.layer_series("grad_rms")[2, run.layer_index("2.weight")]
