@@ -396,3 +396,13 @@ def test_to_pandas_gives_a_long_table(tmp_path: Path) -> None:
     assert len(frame) == 4 * len(run.layers)
     first = frame[(frame.step == 2) & (frame.layer == "2.weight")]
     assert first.grad_rms.iloc[0] == run.layer_series("grad_rms")[2, run.layer_index("2.weight")]
+
+
+def test_layers_follow_the_model_order_not_the_optimizer_order(tmp_path: Path) -> None:
+    model = mlp(depth=2)
+    params = list(model.parameters())
+    opt = torch.optim.SGD([{"params": params[4:]}, {"params": params[:4], "lr": 0.01}], lr=0.1)
+    with gw.watch(model, opt, out=tmp_path / "run", quiet=True):
+        train(model, opt, 2)
+    names = [layer.name for layer in gw.load_run(tmp_path / "run").layers]
+    assert names == [name for name, _ in model.named_parameters()]

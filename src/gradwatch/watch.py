@@ -173,11 +173,14 @@ class Watch:
             return self._attached[key]
         params = _optimizer_params(optimizer)
         if model is not None:
+            # Layers in the model's order (input side first, as the gradient-flow profile reads);
+            # frozen parameters (in no optimizer) ride along in the first stream; parameters the
+            # model does not own come last.
             in_opt = {id(p) for p in params}
-            claimed = {id(p) for a in self._attached.values() for p in a.probe._params}
-            # Frozen parameters of the model (in no optimizer) ride along in the first stream.
-            params = params + [p for p in model.parameters() if id(p) not in in_opt and id(p) not in claimed
-                               and not p.requires_grad and not self._attached]
+            first = not self._attached
+            ordered = [p for p in model.parameters() if id(p) in in_opt or (first and not p.requires_grad)]
+            owned = {id(p) for p in ordered}
+            params = ordered + [p for p in params if id(p) not in owned]
         if not params:
             raise GradwatchError(
                 f"the optimizer {type(optimizer).__name__} has no parameters; there is nothing to watch."

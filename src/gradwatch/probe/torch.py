@@ -310,9 +310,15 @@ class TorchProbe:
         if idx is None:
             n = len(self._params)
             start = _STEP_SLOTS + _BLOCKS.index(block) * n
-            idx = torch.tensor([start + i for i in layer_ids], dtype=torch.long, device=self.device)
-            self._index_cache[key] = idx
+            idx = self._index_cache[key] = self._to_device([start + i for i in layer_ids])
         return idx
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """An index tensor on the probe's device without a blocking copy (pinned source on CUDA)."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
 
     def _put(self, row: torch.Tensor, block: str, key: tuple, layer_ids: Sequence[int], values: list[torch.Tensor]) -> None:
         stacked = torch.stack(values).to(device=self.device, dtype=torch.float32)
@@ -379,7 +385,7 @@ class TorchProbe:
             self._put(ring_row, "g_max", ("mm", *key), fids, [m.max for m in mm])
         hidx = self._index_cache.get(("h", key))
         if hidx is None:
-            hidx = self._index_cache[("h", key)] = torch.tensor(ids, dtype=torch.long, device=self.device)
+            hidx = self._index_cache[("h", key)] = self._to_device(ids)
         counts = torch.stack([_exponent_counts(g, group.scratch) for g in grads]).to(device=self.device, dtype=torch.float32)
         self._hist[hrow].index_copy_(0, hidx, counts)
 
