@@ -185,7 +185,6 @@ class _Group:
         self.params = params
         self.weights = [p.detach() for p in params]
         self.device = params[0].device
-        self.nonempty = [p.numel() > 0 for p in params]
         size = min(max(p.numel() for p in params), _CHUNK)
         self.scratch = torch.empty(size, dtype=torch.float32, device=self.device)
         self.scratch64 = torch.empty(size, dtype=torch.float64, device=self.device)
