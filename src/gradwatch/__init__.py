@@ -11,18 +11,22 @@
 
 from .errors import GradwatchError, RunDirError
 from .store import LAYER_METRICS, STEP_METRICS, LayerInfo, Run, load_run
+from .diagnose import Finding, Remedy, diagnose
 from .watch import Watch, watch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Finding",
     "GradwatchError",
     "LAYER_METRICS",
     "LayerInfo",
     "Run",
+    "Remedy",
     "RunDirError",
     "STEP_METRICS",
     "Watch",
+    "diagnose",
     "load_run",
     "watch",
 ]

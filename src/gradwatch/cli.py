@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("target", metavar="SCRIPT", help="the training script (or module with -m)")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments passed to the script")
 
+    diag = sub.add_parser("diagnose", help="diagnose a stored run (also after a crash, on another machine)")
+    diag.add_argument("run_dir", metavar="DIR", help="a run directory written by gradwatch")
+    diag.add_argument("--json", action="store_true", help="print findings.json's format on stdout instead of the summary")
+
     demo = sub.add_parser("demo", help="the built-in default run: seed 000's sigmoid MLP on make_moons (vanishing)")
     _add_watch_options(demo)
     demo.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20; the seed uses 100)")
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
-    from .report.terminal import print_summary
+    from .report.terminal import print_findings, print_summary
     from .runner import run_script
 
     if not ns.module and not os.path.isfile(ns.target):
@@ -79,7 +83,28 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     code, w = run_script(ns.target, ns.args, module=ns.module, out=ns.out, **_watch_options(ns))
     if w.layers:
         print_summary(w.run, _err)
+        print_findings(w.findings, _err)
     return code
+
+
+def _cmd_diagnose(ns: argparse.Namespace) -> int:
+    import json
+
+    from .diagnose import diagnose, findings_json, write_findings
+    from .report.terminal import print_findings
+    from .store import load_run
+
+    run = load_run(ns.run_dir)
+    findings = diagnose(run)
+    try:
+        write_findings(run.path, findings)
+    except OSError as e:  # a read-only copy of a run is still diagnosed
+        print(f"gradwatch: could not update {run.path}/findings.json ({e.strerror}); showing the result only.", file=sys.stderr)
+    if ns.json:
+        print(json.dumps(findings_json(findings), indent=1))
+    else:
+        print_findings(findings, Console(highlight=False))
+    return 0
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
@@ -102,18 +127,12 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
         result = run_moons(out, epochs=ns.epochs, progress=progress, quiet=True, **_watch_options(ns))
     _err.print(f"trained {result.steps} steps; on all 3000 points: loss {result.final_loss:.4f}, accuracy {result.accuracy:.3f}")
-    from .report.terminal import flow_profile
+    from .diagnose import read_findings
+    from .report.terminal import print_findings
     from .store import load_run
 
-    run = load_run(result.out)
-    print_summary(run, _err)
-    early, _, ref = flow_profile(run)
-    first = next(i for i, l in enumerate(run.layers) if len(l.shape) >= 2)
-    _err.print(
-        f"In the first 10% of training, {run.layers[first].name} received {early[first] / early[ref[first]]:.1%} "
-        f"of the gradient RMS of {run.layers[ref[first]].name}: the gradient fades on its way back through "
-        "the sigmoid layers."
-    )
+    print_summary(load_run(result.out), _err)
+    print_findings(read_findings(result.out), _err)
     _err.print(f"Run directory: [bold]{result.out}[/bold]  (read it with gradwatch.load_run({str(result.out)!r}))")
     return 0
 
@@ -126,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(ns)
         if ns.command == "demo":
             return _cmd_demo(ns)
+        if ns.command == "diagnose":
+            return _cmd_diagnose(ns)
     except GradwatchError as e:
         print(f"gradwatch: error: {e}", file=sys.stderr)  # one line, never wrapped
         return 2

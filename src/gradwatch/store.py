@@ -35,7 +35,7 @@ META_FILE = "meta.json"
 FINDINGS_FILE = "findings.json"
 
 #: Per-step series (one value per optimizer step).
-STEP_METRICS: tuple[str, ...] = ("loss", "grad_norm", "lr", "time")
+STEP_METRICS: tuple[str, ...] = ("loss", "grad_norm", "lr", "time", "sampled")
 
 #: Per-layer series (one value per layer per step; NaN where not computed at that step).
 LAYER_METRICS: tuple[str, ...] = (
@@ -352,7 +352,12 @@ def _load_stream(path: Path, index: int, layer_ids: list[int]) -> tuple[_StreamD
         layer_values = {m: np.zeros((0, n), np.float32) for m in LAYER_METRICS}
     else:
         steps = table.column("step").to_numpy().astype(np.int64)
-        step_values = {m: table.column(m).to_numpy().astype(np.float32) for m in STEP_METRICS}
+        # A metric added to the format after the run was written reads as NaN (not computed).
+        step_values = {
+            m: table.column(m).to_numpy().astype(np.float32) if m in table.column_names
+            else np.full(len(steps), np.nan, np.float32)
+            for m in STEP_METRICS
+        }
         layer_values = {}
         for m in LAYER_METRICS:
             col = table.column(_layer_col(m)).combine_chunks()
@@ -456,15 +461,10 @@ class Run:
 
     @property
     def findings(self) -> list[Any]:
-        """The findings of ``findings.json`` (empty until the run is diagnosed)."""
-        path = self.path / FINDINGS_FILE
-        if not path.exists():
-            return []
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RunDirError(f"{path} is not valid JSON ({e}); delete it and diagnose the run again.") from None
-        return list(data.get("findings", []))
+        """The :class:`~gradwatch.diagnose.Finding` list of ``findings.json`` (empty until diagnosed)."""
+        from .diagnose import read_findings  # diagnose builds on the store, not the other way round
+
+        return read_findings(self.path)
 
     def to_pandas(self, metrics: Iterable[str] | None = None):
         """A long table (step, layer, metric columns...), needs pandas (``pip install pandas``)."""

@@ -28,9 +28,11 @@ from torch import nn
 from . import shutdown
 from .errors import GradwatchError
 from .probe.torch import ProbeConfig, TorchProbe, build_layer_table
-from .store import LayerInfo, RunWriter, StreamWriter, load_run
+from .store import Chunk, LayerInfo, RunWriter, StreamWriter, load_run
 
 DEFAULT_ROOT = "gradwatch-runs"
+#: Online diagnosis runs after each of the first windows, then after windows 2^k.
+ONLINE_EVERY_WINDOW_UNTIL = 20
 
 
 def default_out(name: str = "run") -> Path:
@@ -90,6 +92,8 @@ class Watch:
             weights, update ratio); the gradient norm is recorded every step.
         overwrite: replace a run already in ``out`` instead of refusing.
         quiet: print nothing.
+        diagnose_online: diagnose the stored windows during the run and print each new problem
+            once, the moment it is found; the full diagnosis is written at the end either way.
 
     Use it as a context manager (hooks attach on enter and detach on exit), or call
     :meth:`attach` and :meth:`close` yourself.
@@ -105,6 +109,7 @@ class Watch:
         sample_every: int = 50,
         overwrite: bool = False,
         quiet: bool = False,
+        diagnose_online: bool = True,
         _lazy: bool = False,
     ):
         if model is not None and not isinstance(model, nn.Module):
@@ -127,6 +132,10 @@ class Watch:
         self._attached: dict[int, _Attached] = {}
         self._last: _Attached | None = None
         self._staged_loss: torch.Tensor | None = None
+        self.diagnose_online = diagnose_online
+        self._windows = 0
+        self._announced: set[str] = set()
+        self._findings: list[Any] | None = None
         self._closed = False
         self._status = "running"
 
@@ -196,7 +205,7 @@ class Watch:
             },
             label=label,
         )
-        probe = TorchProbe(params, layers, self.config, stream.append)
+        probe = TorchProbe(params, layers, self.config, lambda chunk: self._on_window(stream, chunk))
         att = _Attached(optimizer, probe, stream)
         if hooks:
             att.handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self.on_before_optimizer_step(opt)))
@@ -245,6 +254,34 @@ class Watch:
             file=sys.stderr,
         )
         traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+
+    # -- online diagnosis ---------------------------------------------------------------------------
+
+    def _on_window(self, stream: StreamWriter, chunk: Chunk) -> None:
+        """A flushed window: store it, then (on a thinning schedule) diagnose what is stored so far."""
+        stream.append(chunk)
+        self._windows += 1
+        w = self._windows
+        # Every window at first, then at powers of two: online diagnosis stays O(n log n) overall.
+        if self.diagnose_online and (w <= ONLINE_EVERY_WINDOW_UNTIL or w & (w - 1) == 0):
+            self._diagnose_online()
+
+    def _diagnose_online(self) -> None:
+        from .diagnose import diagnose
+
+        try:
+            findings = diagnose(load_run(self.out))
+        except Exception as e:  # diagnosis must never stop training
+            print(f"gradwatch: online diagnosis failed ({type(e).__name__}: {e}); recording continues.", file=sys.stderr)
+            self.diagnose_online = False
+            return
+        for f in findings:
+            if f.severity == "info" or f.kind in self._announced:
+                continue
+            self._announced.add(f.kind)
+            if not self.quiet:
+                tip = f" Try: {_remedy_text(f.remedies[0])}." if f.remedies else ""
+                print(f"gradwatch: {f.summary}{tip}", file=sys.stderr)
 
     # -- user calls -------------------------------------------------------------------------------
 
@@ -307,10 +344,21 @@ class Watch:
                 self._status = status
                 _live.discard(self)
                 shutdown.release()
+            self._final_diagnosis()
         if not self.quiet:
             steps = max((a.probe.step for a in self._attached.values()), default=0)
             n_layers = len(self._writer.layers)
             print(f"gradwatch: recorded {steps} steps x {n_layers} layers -> {self.out}", file=sys.stderr)
+
+    def _final_diagnosis(self) -> None:
+        from .diagnose import diagnose, write_findings
+
+        try:
+            self._findings = diagnose(load_run(self.out))
+            write_findings(self.out, self._findings)
+        except Exception as e:  # the record is safe; say why the diagnosis is missing
+            print(f"gradwatch: could not diagnose {self.out} ({type(e).__name__}: {e}); "
+                  f"run `gradwatch diagnose {self.out}` to retry.", file=sys.stderr)
 
     # -- results ----------------------------------------------------------------------------------
 
@@ -336,8 +384,19 @@ class Watch:
 
     @property
     def findings(self) -> list[Any]:
-        """Findings of this run (``findings.json``; empty until diagnosed)."""
-        return self.run.findings if self._writer is not None else []
+        """The :class:`~gradwatch.diagnose.Finding` list: final once closed, so far while recording."""
+        if self._writer is None:
+            return []
+        if self._findings is not None:
+            return list(self._findings)
+        from .diagnose import diagnose
+
+        return diagnose(self.run)
+
+
+def _remedy_text(r: Any) -> str:
+    args = ", ".join(f"{k}={v}" for k, v in r.args.items())
+    return f"{r.action}({args})"
 
 
 def watch(

@@ -292,6 +292,7 @@ class TorchProbe:
         self._steps = np.zeros(cap, np.int64)
         self._lr = np.full(cap, np.nan, np.float64)
         self._time = np.zeros(cap, np.float64)
+        self._sampled = np.zeros(cap, np.float64)
         self._present = np.zeros((cap, n), bool)
         self._hist_steps: list[int] = []
 
@@ -333,6 +334,7 @@ class TorchProbe:
         row, step = self._rows, self.step
         sampled = self.config.is_sampled(step)
         self._steps[row] = step
+        self._sampled[row] = sampled
         self._time[row] = time.perf_counter() - self._t0
         self._lr[row] = lr if isinstance(lr, (int, float)) else math.nan
         self._present[row] = False
@@ -482,7 +484,13 @@ class TorchProbe:
         lr = self._lr[:n].copy()
         if self._lr_tensor:
             lr = np.where(np.isnan(lr), ring[:, _LR], lr)
-        steps = {"loss": ring[:, _LOSS], "grad_norm": global_norm, "lr": lr, "time": self._time[:n].copy()}
+        steps = {
+            "loss": ring[:, _LOSS],
+            "grad_norm": global_norm,
+            "lr": lr,
+            "time": self._time[:n].copy(),
+            "sampled": self._sampled[:n].copy(),  # 1 where the sampled statistics were computed
+        }
         assert set(steps) == set(STEP_METRICS) and set(layer) == set(LAYER_METRICS)
         return Chunk(
             steps=self._steps[:n].copy(),

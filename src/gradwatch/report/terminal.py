@@ -152,3 +152,31 @@ def summary(run: Run) -> Group:
 
 def print_summary(run: Run, console: Console | None = None) -> None:
     (console or Console(file=sys.stderr)).print(summary(run))
+
+
+_SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def findings_view(findings: list) -> Group | Text:  # type: ignore[type-arg]
+    """Each finding: severity, kind and summary, its layers, and its ranked remedies."""
+    if not findings:
+        return Text("diagnosis: no problems found (no warning or error).", style="green")
+    parts: list = []  # type: ignore[type-arg]
+    for f in findings:
+        table = Table(show_header=False, box=None, padding=(0, 1))
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        table.add_row(Text(f.severity.upper(), style=_SEVERITY_STYLE.get(f.severity, "")), Text(f.summary))
+        if f.layers:
+            shown = ", ".join(f.layers[:6]) + (f" (+{len(f.layers) - 6} more)" if len(f.layers) > 6 else "")
+            table.add_row("layers", shown)
+        table.add_row("steps", f"{f.first_step} .. {f.last_step}")
+        for rank, r in enumerate(f.remedies[:4], 1):
+            args = ", ".join(f"{k}={v}" for k, v in r.args.items())
+            table.add_row(f"fix {rank}", Text(f"{r.action}({args}) — {r.why}"))
+        parts.append(table)
+    return Group(*parts)
+
+
+def print_findings(findings: list, console: Console | None = None) -> None:  # type: ignore[type-arg]
+    (console or Console(file=sys.stderr)).print(findings_view(findings))

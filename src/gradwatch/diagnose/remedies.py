@@ -1,0 +1,99 @@
+"""Remedies, ranked, each an ``action`` + ``args`` that guards or surgery can apply, drawn from the seeds.
+
+Seed 000 (Neptune): ReLU, fewer layers, Glorot init, Adam lr 0.008 for vanishing; clipvalue, Glorot +
+tanh, L2 for exploding. Seed 001: clipnorm 1.0 / clipvalue 5.0 and scaling targets. Seed 002:
+Glorot/LeCun/He init matched to the activation, the ReLU family, BatchNorm. Seed 003: smaller lr,
+BN, L2, orthogonal init, clipping, Adam. Seed 004: tanh/ReLU instead of sigmoid, Glorot init.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .finding import Remedy
+
+
+def for_vanishing(run: Any, saturating: list[str]) -> list[Remedy]:
+    out: list[Remedy] = []
+    if saturating:
+        src = max(set(saturating), key=saturating.count)
+        out.append(Remedy("swap_activation", {"from": src, "to": "ReLU", "init": "he_uniform"},
+                          f"{len(saturating)} layers use {src}, whose derivative is at most "
+                          f"{'0.25' if src == 'Sigmoid' else '1'} and ~0 when saturated; ReLU passes gradients of 1 (seeds 000, 004)."))
+    out.append(Remedy("reinit", {"scheme": "he_uniform" if not saturating else "glorot_uniform"},
+                      "initialisation matched to the activation keeps the gradient variance constant across layers (seed 002)."))
+    out.append(Remedy("insert_norm", {"kind": "batch"},
+                      "normalising each layer's input re-centres activations out of the saturated range (seeds 002, 003)."))
+    out.append(Remedy("set_optimizer", {"name": "Adam", "lr": 0.008},
+                      "per-parameter step sizes let starved layers still move (seed 000: Adam with lr 0.008)."))
+    out.append(Remedy("reduce_depth", {"layers": 1},
+                      "each extra saturating layer multiplies the gradient by a factor below 1 (seed 000: one hidden layer)."))
+    return out
+
+
+def for_exploding(run: Any) -> list[Remedy]:
+    return [
+        Remedy("clip_norm", {"max_norm": 1.0},
+               "caps the global gradient norm at each step without changing its direction (seed 001: clipnorm=1.0)."),
+        Remedy("clip_value", {"value": 5.0},
+               "caps each gradient component (seed 001: clipvalue=5.0; seed 000: clipvalue)."),
+        Remedy("scale_lr", {"factor": 0.1},
+               "a smaller step keeps updates proportionate to the weights (seed 003)."),
+        Remedy("scale_targets", {"method": "standardize"},
+               "unscaled regression targets produce huge errors and gradients (seed 001)."),
+        Remedy("reinit", {"scheme": "glorot_uniform"},
+               "large initial weights multiply the gradient at every layer (seed 000: U(4, 5) -> Glorot)."),
+        Remedy("weight_decay", {"l2": 1e-2},
+               "an L2 penalty keeps the weights, and with them the gradients, bounded (seed 000)."),
+    ]
+
+
+def for_nonfinite(origin: str) -> list[Remedy]:
+    if origin == "forward":
+        return [
+            Remedy("check_data", {"nonfinite_inputs": True},
+                   "the loss turned non-finite with normal gradients before it: the batch (inputs or targets) or the loss computation produced it."),
+            Remedy("skip_nonfinite", {},
+                   "skipping steps whose gradients are non-finite keeps weights and optimizer state clean while you find the bad data."),
+        ]
+    if origin == "backward":
+        return [
+            Remedy("skip_nonfinite", {},
+                   "a non-finite gradient with a finite loss: skip the step, keep weights and optimizer state clean."),
+            Remedy("clip_norm", {"max_norm": 1.0}, "bounds the update if the gradient is huge rather than non-finite."),
+            Remedy("scale_lr", {"factor": 0.1}, "a smaller step keeps the weights in range."),
+        ]
+    return [
+        Remedy("clip_norm", {"max_norm": 1.0},
+               "the weights grew out of range after the gradient norm exploded: cap it (seed 001)."),
+        Remedy("scale_lr", {"factor": 0.1}, "a smaller step keeps the weights in range (seed 003)."),
+        Remedy("rollback", {"lr_factor": 0.5}, "restore the last good weights and continue with a smaller lr."),
+    ]
+
+
+def for_dead_units() -> list[Remedy]:
+    return [
+        Remedy("swap_activation", {"from": "ReLU", "to": "LeakyReLU", "negative_slope": 0.01},
+               "a small slope for negative inputs lets dead units receive gradient again (seed 002: LeakyReLU, ELU, PReLU)."),
+        Remedy("reinit", {"scheme": "he_uniform", "bias": 0.0},
+               "He initialisation with zero biases starts about half the units active (seed 002)."),
+        Remedy("scale_lr", {"factor": 0.1}, "a too-large step pushes units into the negative region for good (seed 003)."),
+        Remedy("insert_norm", {"kind": "batch"}, "normalisation keeps pre-activations centred around zero (seed 002)."),
+    ]
+
+
+def for_loss_spike() -> list[Remedy]:
+    return [
+        Remedy("clip_norm", {"max_norm": 1.0}, "bounds the step that follows an outlier batch."),
+        Remedy("rollback", {"lr_factor": 0.5, "skip_batches": 1},
+               "restore the last good snapshot and skip the batch that caused the spike."),
+        Remedy("scale_lr", {"factor": 0.5}, "spikes are a classic sign of a learning rate at the edge of stability."),
+    ]
+
+
+def for_stalled() -> list[Remedy]:
+    return [
+        Remedy("scale_lr", {"factor": 10.0}, "updates are far below the ~1e-3 of |w| per step that makes progress."),
+        Remedy("set_optimizer", {"name": "Adam", "lr": 1e-3}, "per-parameter step sizes move even with small gradients (seed 003)."),
+        Remedy("reinit", {"scheme": "he_uniform"}, "a fresh, activation-matched initialisation (seed 002)."),
+    ]
