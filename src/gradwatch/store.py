@@ -35,7 +35,7 @@ META_FILE = "meta.json"
 FINDINGS_FILE = "findings.json"
 
 #: Per-step series (one value per optimizer step).
-STEP_METRICS: tuple[str, ...] = ("loss", "grad_norm", "lr", "time", "sampled")
+STEP_METRICS: tuple[str, ...] = ("loss", "grad_norm", "lr", "time", "sampled", "loss_logged")
 
 #: Per-layer series (one value per layer per step; NaN where not computed at that step).
 LAYER_METRICS: tuple[str, ...] = (

@@ -102,7 +102,10 @@ def nonfinite(run: RunLike) -> Finding | None:
     loss = run.step_series("loss")
     flags = np.nan_to_num(run.layer_series("grad_nonfinite"), nan=0.0) > 0
     bad_grad = flags.any(axis=1)
-    bad_loss = ~np.isfinite(loss) & _after_first_logged(loss)
+    logged = run.step_series("loss_logged")
+    # Older runs lack the flag (NaN): there, a NaN before the first finite loss means "not logged".
+    was_logged = np.where(np.isnan(logged), _after_first_logged(loss), logged > 0)
+    bad_loss = ~np.isfinite(loss) & was_logged
     sampled = run.step_series("sampled") > 0
     bad_w = sampled & (~np.isfinite(run.layer_series("weight_norm"))).any(axis=1)
     t_grad, t_loss, t_w = _first(bad_grad), _first(bad_loss), _first(bad_w)

@@ -293,6 +293,7 @@ class TorchProbe:
         self._lr = np.full(cap, np.nan, np.float64)
         self._time = np.zeros(cap, np.float64)
         self._sampled = np.zeros(cap, np.float64)
+        self._loss_logged = np.zeros(cap, np.float64)
         self._present = np.zeros((cap, n), bool)
         self._hist_steps: list[int] = []
 
@@ -335,6 +336,7 @@ class TorchProbe:
         sampled = self.config.is_sampled(step)
         self._steps[row] = step
         self._sampled[row] = sampled
+        self._loss_logged[row] = 0
         self._time[row] = time.perf_counter() - self._t0
         self._lr[row] = lr if isinstance(lr, (int, float)) else math.nan
         self._present[row] = False
@@ -410,6 +412,7 @@ class TorchProbe:
     # -- loss ---------------------------------------------------------------------------------------
 
     def _write_loss(self, row: int, loss: torch.Tensor | float) -> None:
+        self._loss_logged[row] = 1  # so a logged NaN loss is told apart from no loss at all
         if isinstance(loss, torch.Tensor):
             self._ring[row, _LOSS].copy_(loss.detach().reshape(()), non_blocking=True)
         else:
@@ -490,6 +493,7 @@ class TorchProbe:
             "lr": lr,
             "time": self._time[:n].copy(),
             "sampled": self._sampled[:n].copy(),  # 1 where the sampled statistics were computed
+            "loss_logged": self._loss_logged[:n].copy(),  # 1 where a loss was given for the step
         }
         assert set(steps) == set(STEP_METRICS) and set(layer) == set(LAYER_METRICS)
         return Chunk(
