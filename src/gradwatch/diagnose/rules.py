@@ -39,8 +39,14 @@ BASELINE_STEPS = 10
 UPDATE_RATIO_EXPLODE = 1.0
 #: Dead units: share of a layer's units whose gradient is exactly zero on every sampled step.
 DEAD_FRACTION = 0.5
+#: ... on at least this many sampled steps in a row, up to the end of the run.
+DEAD_MIN_SAMPLES = 3
 #: Loss spike: robust z-score (median / 1.4826·MAD over a trailing window) above this.
 SPIKE_Z = 8.0
+#: ... and it must undo at least this share of the progress made since the first steps (or double the
+#: loss if there was none): a small jump on a loss that has flattened out is noise however many MADs
+#: it spans.
+SPIKE_UNDO = 0.25
 SPIKE_WINDOW = 50
 SPIKE_WARMUP = 20
 #: Stalled: over at least this many steps, the loss improved by less than this fraction and
@@ -316,17 +322,16 @@ def vanishing(run: RunLike) -> Finding | None:
 
 
 def dead_units(run: RunLike) -> Finding | None:
-    """Units whose gradient is exactly zero on every sampled step of the early window: never active.
+    """Units whose gradient is exactly zero on every sampled step from some step to the end: they
+    stopped activating (dead from the start, or killed by a large step) and never came back.
 
     Read from the zero fraction of each layer's bias gradient (a ReLU unit that never fires gets a
     zero bias gradient), or of its weight gradient when it has no bias.
     """
-    n = len(run.steps)
-    if n < 2:
+    if len(run.steps) < 2:
         return None
     zero = run.layer_series("grad_zero_frac")
-    early = slice(0, min(EARLY_STEPS, n))
-    dead: dict[str, float] = {}
+    dead: dict[str, tuple[float, int]] = {}
     for i, layer in enumerate(run.layers):
         if not layer.trainable or layer.module_type in _EXCLUDED_FROM_FLOW or layer.numel < 2:
             continue
@@ -334,26 +339,31 @@ def dead_units(run: RunLike) -> Finding | None:
             continue
         if len(layer.shape) >= 2 and any(l.name == layer.name.rsplit(".", 1)[0] + ".bias" for l in run.layers):
             continue  # judged by its bias, which says per unit
-        z = zero[early, i]
-        z = z[np.isfinite(z)]
-        if z.size >= 2 and float(np.min(z)) >= DEAD_FRACTION:
-            dead[layer.name] = float(np.min(z))
-    # The output layer's units are never "dead" in this sense (no ReLU after them).
+        rows = np.flatnonzero(np.isfinite(zero[:, i]))
+        if rows.size < DEAD_MIN_SAMPLES:
+            continue
+        z = zero[rows, i]
+        below = np.flatnonzero(z < DEAD_FRACTION)
+        start = int(below[-1]) + 1 if below.size else 0  # from here on, dead on every sampled step
+        if rows.size - start >= DEAD_MIN_SAMPLES:
+            dead[layer.name] = (float(np.min(z[start:])), int(rows[start]))
     if not dead:
         return None
-    worst = max(dead.values())
-    names = sorted(dead, key=lambda k: -dead[k])
+    names = sorted(dead, key=lambda k: (dead[k][1], -dead[k][0]))
+    worst = max(v[0] for v in dead.values())
+    first_row = min(v[1] for v in dead.values())
     return Finding(
         kind="dead_units",
         severity="error" if worst >= 0.9 else "warning",
-        first_step=int(run.steps[0]),
-        last_step=int(run.steps[early][-1]),
+        first_step=int(run.steps[first_row]),
+        last_step=int(run.steps[-1]),
         layers=names,
         summary=(
-            f"dead_units in the first {early.stop} steps: {worst:.0%} of the units of {names[0]} never "
-            f"receive a gradient (exactly zero on every sampled step: they never activate)."
+            f"dead_units from step {int(run.steps[first_row])}: {dead[names[0]][0]:.0%} of the units of "
+            f"{names[0]} never receive a gradient again (exactly zero on every sampled step: they never activate)."
         ),
-        evidence={"dead_fraction": dead, "threshold": DEAD_FRACTION},
+        evidence={"dead_fraction": {k: v[0] for k, v in dead.items()}, "threshold": DEAD_FRACTION,
+                  "since_step": {k: int(run.steps[v[1]]) for k, v in dead.items()}},
         remedies=R.for_dead_units(),
     )
 
@@ -368,6 +378,7 @@ def loss_spike(run: RunLike) -> Finding | None:
     if n <= SPIKE_WARMUP + 5:
         return None
     spikes: list[tuple[int, float]] = []
+    start_level = float(_nanmedian(loss[:SPIKE_WARMUP]))
     for t in range(SPIKE_WARMUP, n):
         if not math.isfinite(loss[t]):
             continue
@@ -379,7 +390,9 @@ def loss_spike(run: RunLike) -> Finding | None:
         mad = float(np.median(np.abs(window - med))) * _MAD_TO_SIGMA
         scale = max(mad, 1e-12 * max(abs(med), 1e-30))
         z = (loss[t] - med) / scale
-        if z > SPIKE_Z:
+        progress = start_level - med
+        floor = med + SPIKE_UNDO * progress if progress > 0 else 2 * med
+        if z > SPIKE_Z and loss[t] > floor:
             spikes.append((t, z))
     if not spikes:
         return None
