@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradwatch as gw
-from gradwatch.probe.torch import ProbeConfig, TorchProbe, build_layer_table
+from gradwatch.probe.torch import SATURATION_THRESHOLD, ProbeConfig, TorchProbe, build_layer_table
 from gradwatch.store import HIST_EXP_MAX, HIST_EXP_MIN
 from models import ARCHITECTURES, OddParams, SmallTransformer, data_for, make, mlp, train
 
@@ -29,15 +29,37 @@ class Reference:
         self.grads: list[list[np.ndarray | None]] = []
         self.before: list[list[np.ndarray]] = []
         self.after: list[list[np.ndarray]] = []
+        self.outputs: list[dict[int, list[np.ndarray]]] = []  # per step: weight id -> pre-activations
+        self._current: dict[int, list[np.ndarray]] = {}
         optimizer.register_step_pre_hook(self._pre)
         optimizer.register_step_post_hook(self._post)
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.register_forward_hook(self._forward)
+
+    def _forward(self, module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
+        x = output.detach().double().numpy()
+        unit_axis = x.ndim - 1 if isinstance(module, torch.nn.Linear) else 1
+        self._current.setdefault(id(module.weight), []).append(np.moveaxis(x, unit_axis, 0).reshape(x.shape[unit_axis], -1))
 
     def _pre(self, *_: object) -> None:
+        self.outputs.append(self._current)
+        self._current = {}
         self.grads.append([None if p.grad is None else p.grad.detach().double().numpy().copy() for p in self.params])
         self.before.append([p.detach().double().numpy().copy() for p in self.params])
 
     def _post(self, *_: object) -> None:
         self.after.append([p.detach().double().numpy().copy() for p in self.params])
+
+    def activation(self, metric: str, step: int, i: int, act: str | None) -> float:
+        outs = self.outputs[step].get(id(self.params[i]))
+        if not outs:
+            return np.nan
+        x = np.concatenate(outs, axis=1)  # units x (all values of every forward of the step)
+        if metric == "act_dead_frac":
+            return float(np.mean(x.max(axis=1) <= 0))
+        threshold = SATURATION_THRESHOLD.get(act or "")
+        return np.nan if threshold is None else float(np.mean(np.abs(x) > threshold))
 
     def layer(self, metric: str, step: int, i: int) -> float:
         g, w, w1 = self.grads[step][i], self.before[step][i], self.after[step][i]
@@ -69,7 +91,7 @@ class Reference:
         raise KeyError(metric)
 
 
-SAMPLED = {"grad_mean", "grad_maxabs", "grad_std", "grad_zero_frac", "weight_norm", "weight_rms", "weight_mean", "weight_std", "update_ratio"}
+SAMPLED = {"act_dead_frac", "act_sat_frac", "grad_mean", "grad_maxabs", "grad_std", "grad_zero_frac", "weight_norm", "weight_rms", "weight_mean", "weight_std", "update_ratio"}
 
 
 def assert_matches_reference(run: gw.Run, ref: Reference, sample_every: int) -> int:
@@ -83,7 +105,10 @@ def assert_matches_reference(run: gw.Run, ref: Reference, sample_every: int) -> 
             if metric in SAMPLED and not sampled(step):
                 assert np.all(np.isnan(series[row])), f"{metric} at unsampled step {step} should be NaN"
                 continue
-            expected = np.array([ref.layer(metric, step, i) for i in range(len(names))])
+            if metric.startswith("act_"):
+                expected = np.array([ref.activation(metric, step, i, run.layers[i].activation) for i in range(len(names))])
+            else:
+                expected = np.array([ref.layer(metric, step, i) for i in range(len(names))])
             np.testing.assert_allclose(
                 series[row], expected, rtol=1e-5, atol=1e-30, equal_nan=True,
                 err_msg=f"{metric} at step {step} ({names})",
@@ -406,3 +431,39 @@ def test_layers_follow_the_model_order_not_the_optimizer_order(tmp_path: Path) -
         train(model, opt, 2)
     names = [layer.name for layer in gw.load_run(tmp_path / "run").layers]
     assert names == [name for name, _ in model.named_parameters()]
+
+
+def test_whole_training_loop_with_activation_hooks_never_syncs(tmp_path: Path) -> None:
+    """Forward hooks (sampled steps), backward, SGD and the probe together: zero host syncs."""
+    model = mlp(depth=3, act=torch.nn.Sigmoid)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gw.watch(model, opt, out=tmp_path / "run", flush_every=4, sample_every=2, quiet=True)
+    counter = SyncCounter(w._attached[id(opt)].probe._staging)
+    with counter:
+        train(model, opt, 10, on_step=lambda loss: w.log(loss=loss))
+    w.close()
+    assert counter.syncs == [] and counter.transfers == 2  # flushes at the start of steps 4 and 8
+    run = gw.load_run(tmp_path / "run")
+    sat = run.layer_series("act_sat_frac")[:, run.layer_index("0.weight")]
+    sampled = [ProbeConfig(sample_every=2).is_sampled(s) for s in range(10)]
+    assert np.isfinite(sat).tolist() == sampled  # computed on sampled steps only
+    assert all(not m._forward_hooks for m in model.modules())  # and taken off again
+
+
+def test_saturation_matches_the_reference_for_sigmoid_and_tanh(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Sigmoid(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+    )
+    for m in model:
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=3.0)  # large pre-activations: saturated
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ref = Reference(model, opt)
+    with gw.watch(model, opt, out=tmp_path / "run", sample_every=1, quiet=True):
+        train(model, opt, 4)
+    run = gw.load_run(tmp_path / "run")
+    assert_matches_reference(run, ref, sample_every=1)
+    sat = run.layer_series("act_sat_frac")
+    assert np.all(sat[:, run.layer_index("0.weight")] > 0.2) and np.all(sat[:, run.layer_index("2.weight")] > 0.2)
+    assert np.all(np.isnan(sat[:, run.layer_index("4.weight")]))  # no saturating activation after it

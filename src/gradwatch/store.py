@@ -51,6 +51,8 @@ LAYER_METRICS: tuple[str, ...] = (
     "weight_mean",
     "weight_std",
     "update_ratio",
+    "act_dead_frac",
+    "act_sat_frac",
 )
 
 #: Gradient histograms have fixed log2 bins, read straight from the float32 exponent: bin k (for
@@ -360,6 +362,9 @@ def _load_stream(path: Path, index: int, layer_ids: list[int]) -> tuple[_StreamD
         }
         layer_values = {}
         for m in LAYER_METRICS:
+            if _layer_col(m) not in table.column_names:  # added to the format after this run
+                layer_values[m] = np.full((len(steps), n), np.nan, np.float32)
+                continue
             col = table.column(_layer_col(m)).combine_chunks()
             flat = col.flatten().to_numpy(zero_copy_only=False) if len(col) else np.zeros(0, np.float32)
             layer_values[m] = flat.astype(np.float32).reshape(len(steps), n)

@@ -205,7 +205,7 @@ class Watch:
             },
             label=label,
         )
-        probe = TorchProbe(params, layers, self.config, lambda chunk: self._on_window(stream, chunk))
+        probe = TorchProbe(params, layers, self.config, lambda chunk: self._on_window(stream, chunk), model=model)
         att = _Attached(optimizer, probe, stream)
         if hooks:
             att.handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self.on_before_optimizer_step(opt)))
@@ -321,6 +321,7 @@ class Watch:
             for h in att.handles:
                 h.remove()
             att.handles.clear()
+            att.probe.remove_hooks()
 
     def close(self, status: str = "finished") -> None:
         """Detach, flush what is buffered, and mark the run ``finished`` (or ``crashed``)."""

@@ -97,3 +97,15 @@ def for_stalled() -> list[Remedy]:
         Remedy("set_optimizer", {"name": "Adam", "lr": 1e-3}, "per-parameter step sizes move even with small gradients (seed 003)."),
         Remedy("reinit", {"scheme": "he_uniform"}, "a fresh, activation-matched initialisation (seed 002)."),
     ]
+
+
+def for_saturation(acts: list[str]) -> list[Remedy]:
+    src = acts[0] if acts else "Sigmoid"
+    return [
+        Remedy("swap_activation", {"from": src, "to": "ReLU", "init": "he_uniform"},
+               f"{src} is flat beyond its 0.99 point, so its derivative there is ~0; ReLU does not saturate for x > 0 (seeds 000, 002)."),
+        Remedy("reinit", {"scheme": "glorot_uniform"},
+               "Glorot initialisation keeps pre-activations in the linear range of sigmoid/tanh (seeds 002, 004)."),
+        Remedy("insert_norm", {"kind": "batch"}, "BatchNorm re-centres and rescales pre-activations every step (seed 002)."),
+        Remedy("scale_inputs", {"method": "standardize"}, "large inputs push the first layer's pre-activations into the tails."),
+    ]

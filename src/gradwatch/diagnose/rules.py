@@ -41,6 +41,10 @@ UPDATE_RATIO_EXPLODE = 1.0
 DEAD_FRACTION = 0.5
 #: ... on at least this many sampled steps in a row, up to the end of the run.
 DEAD_MIN_SAMPLES = 3
+_RELU_LIKE = (None, "ReLU", "ReLU6", "Hardtanh", "Threshold")  # None: a functional call we cannot see
+#: Saturation: the median share of pre-activations beyond the activation's 0.99 point, early on.
+SAT_FRACTION = 0.5
+SAT_ERROR = 0.9
 #: Loss spike: robust z-score (median / 1.4826·MAD over a trailing window) above this.
 SPIKE_Z = 8.0
 #: ... and it must undo at least this share of the progress made since the first steps (or double the
@@ -296,6 +300,10 @@ def vanishing(run: RunLike) -> Finding | None:
     severity = "error" if worst < VANISH_REL_ERROR else "warning"
     ref = run.layers[ids[-1]].name
     detail = f"; {len(saturating)} layers use {'/'.join(sorted(set(saturating)))}" if saturating else ""
+    sat = run.layer_series("act_sat_frac")[early][:, ids]
+    sat_med = np.asarray(_nanmedian(sat, axis=0), dtype=np.float64)
+    if np.isfinite(sat_med).any():
+        detail += f", {float(np.nanmean(sat_med)):.0%} saturated on average"
     return Finding(
         kind="vanishing_gradients",
         severity=severity,
@@ -331,22 +339,26 @@ def dead_units(run: RunLike) -> Finding | None:
     if len(run.steps) < 2:
         return None
     zero = run.layer_series("grad_zero_frac")
+    act_dead = run.layer_series("act_dead_frac")
     dead: dict[str, tuple[float, int]] = {}
     for i, layer in enumerate(run.layers):
         if not layer.trainable or layer.module_type in _EXCLUDED_FROM_FLOW or layer.numel < 2:
             continue
-        if layer.activation not in (None, "ReLU", "ReLU6", "Hardtanh", "Threshold"):
+        if layer.activation not in _RELU_LIKE:
             continue
-        if len(layer.shape) >= 2 and any(l.name == layer.name.rsplit(".", 1)[0] + ".bias" for l in run.layers):
-            continue  # judged by its bias, which says per unit
-        rows = np.flatnonzero(np.isfinite(zero[:, i]))
-        if rows.size < DEAD_MIN_SAMPLES:
-            continue
-        z = zero[rows, i]
-        below = np.flatnonzero(z < DEAD_FRACTION)
-        start = int(below[-1]) + 1 if below.size else 0  # from here on, dead on every sampled step
-        if rows.size - start >= DEAD_MIN_SAMPLES:
-            dead[layer.name] = (float(np.min(z[start:])), int(rows[start]))
+        # Two witnesses: units whose pre-activation is never positive (forward hooks), and exact
+        # zeros in the bias gradient (or weight gradient without a bias), which say per unit.
+        candidates = [_sustained(act_dead[:, i], DEAD_FRACTION)]
+        has_bias = any(l.name == layer.name.rsplit(".", 1)[0] + ".bias" for l in run.layers)
+        if not (len(layer.shape) >= 2 and has_bias):
+            candidates.append(_sustained(zero[:, i], DEAD_FRACTION))
+        found = [c for c in candidates if c is not None]
+        if found:
+            frac, row = max(found, key=lambda c: c[0])
+            name = layer.name if not layer.name.endswith(".bias") else layer.name[: -len(".bias")] + ".weight"
+            name = name if any(l.name == name for l in run.layers) else layer.name
+            if name not in dead or frac > dead[name][0]:
+                dead[name] = (frac, row)
     if not dead:
         return None
     names = sorted(dead, key=lambda k: (dead[k][1], -dead[k][0]))
@@ -365,6 +377,53 @@ def dead_units(run: RunLike) -> Finding | None:
         evidence={"dead_fraction": {k: v[0] for k, v in dead.items()}, "threshold": DEAD_FRACTION,
                   "since_step": {k: int(run.steps[v[1]]) for k, v in dead.items()}},
         remedies=R.for_dead_units(),
+    )
+
+
+def _sustained(col: np.ndarray, threshold: float) -> tuple[float, int] | None:
+    """(lowest value, first row) of the final stretch of computed values all >= threshold, if that
+    stretch has at least DEAD_MIN_SAMPLES values: true from some step to the end of the run."""
+    rows = np.flatnonzero(np.isfinite(col))
+    if rows.size < DEAD_MIN_SAMPLES:
+        return None
+    z = col[rows]
+    below = np.flatnonzero(z < threshold)
+    start = int(below[-1]) + 1 if below.size else 0
+    if rows.size - start < DEAD_MIN_SAMPLES:
+        return None
+    return float(np.min(z[start:])), int(rows[start])
+
+
+# ---------------------------------------------------------------------------------- saturation
+
+
+def saturated_units(run: RunLike) -> Finding | None:
+    """Sigmoid/tanh layers whose pre-activations sit in the flat tails for most of the batch, early
+    on (forward hooks on sampled steps): their derivative is ~0 there, so gradients fade."""
+    n = len(run.steps)
+    if n < 1:
+        return None
+    sat = run.layer_series("act_sat_frac")[: min(EARLY_STEPS, n)]
+    med = np.asarray(_nanmedian(sat, axis=0), dtype=np.float64)
+    hit = {run.layers[i].name: float(m) for i, m in enumerate(med) if math.isfinite(m) and m >= SAT_FRACTION}
+    if not hit:
+        return None
+    names = sorted(hit, key=lambda k: -hit[k])
+    acts = sorted({run.layers[run.layer_index(k)].activation or "?" for k in names}) if hasattr(run, "layer_index") else []
+    worst = hit[names[0]]
+    return Finding(
+        kind="saturated_units",
+        severity="error" if worst >= SAT_ERROR else "warning",
+        first_step=int(run.steps[0]),
+        last_step=int(run.steps[min(EARLY_STEPS, n) - 1]),
+        layers=names,
+        summary=(
+            f"saturated_units in the first {min(EARLY_STEPS, n)} steps: {worst:.0%} of the pre-activations of "
+            f"{names[0]} sit where {'/'.join(acts) or 'the activation'} is flat (|x| beyond the 0.99 point)"
+            f"{f'; {len(names)} layers are at least {SAT_FRACTION:.0%} saturated' if len(names) > 1 else ''}."
+        ),
+        evidence={"saturated_fraction": hit, "threshold": SAT_FRACTION},
+        remedies=R.for_saturation(acts),
     )
 
 
@@ -451,7 +510,7 @@ def stalled(run: RunLike) -> Finding | None:
     )
 
 
-RULES = (nonfinite, exploding, vanishing, dead_units, loss_spike, stalled)
+RULES = (nonfinite, exploding, vanishing, dead_units, saturated_units, loss_spike, stalled)
 
 
 def _f(x: float) -> str:

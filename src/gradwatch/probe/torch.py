@@ -170,7 +170,7 @@ class ProbeConfig:
 
 
 # Raw slots of a ring row: two step slots, then blocks of one value per layer.
-_BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w_cnorm", "dw_norm")
+_BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w_cnorm", "dw_norm", "a_dead", "a_sat")
 _LOSS, _LR = 0, 1
 _STEP_SLOTS = 2
 _EXP_BINS = 256  # every value of a float32's 8-bit exponent field
@@ -242,6 +242,85 @@ def _exponent_counts(g: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return counts if counts is not None else torch.zeros(_EXP_BINS, dtype=torch.int64, device=g.device)
 
 
+#: Pre-activation |x| beyond which the activation is saturated: sigmoid(4.6) > 0.99 and
+#: sigmoid(-4.6) < 0.01; tanh(2.65) > 0.99 (DESIGN.md's saturation definitions).
+SATURATION_THRESHOLD = {
+    "Sigmoid": 4.595, "LogSigmoid": 4.595, "Hardsigmoid": 3.0,
+    "Tanh": 2.647, "Hardtanh": 1.0, "Softsign": 99.0,
+}
+_PREACTIVATION_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _ActivationTap:
+    """Forward hooks on Linear/Conv modules, attached only for the forward pass of a sampled step.
+
+    They read the module's output — the pre-activation — so no ``nn.ReLU`` module is assumed: a
+    ``F.relu`` or ``torch.sigmoid`` in ``forward`` is judged by the sign and size of what it gets.
+    Per unit (output feature or channel): the largest value over the batch (a unit whose maximum is
+    <= 0 never fires through a ReLU); per layer: the share of values beyond the saturation threshold
+    of the activation that follows, where the layer table knows it. Several forwards in one step
+    (gradient accumulation) are combined.
+    """
+
+    def __init__(self, model: nn.Module, layer_of: dict[int, int], activations: dict[int, str | None], device: torch.device):
+        self.device = device
+        self.targets: list[tuple[nn.Module, int, float | None]] = []
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if isinstance(module, _PREACTIVATION_TYPES) and w is not None and id(w) in layer_of:
+                i = layer_of[id(w)]
+                self.targets.append((module, i, SATURATION_THRESHOLD.get(activations.get(i) or "")))
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._unit_max: dict[int, torch.Tensor] = {}
+        self._sat: dict[int, list[torch.Tensor]] = {}
+
+    @property
+    def attached(self) -> bool:
+        return len(self._handles) > 0
+
+    def attach(self) -> None:
+        if self._handles or not self.targets:
+            return
+        self._unit_max, self._sat = {}, {}
+        for module, i, threshold in self.targets:
+            self._handles.append(module.register_forward_hook(self._hook(i, threshold, isinstance(module, nn.Linear))))
+
+    def _hook(self, i: int, threshold: float | None, linear: bool):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if not isinstance(output, torch.Tensor) or output.numel() == 0:
+                return
+            with torch.no_grad():
+                x = output.detach()
+                unit_dim = x.dim() - 1 if linear else min(1, x.dim() - 1)
+                per_unit = x.movedim(unit_dim, 0).reshape(x.shape[unit_dim], -1).amax(dim=1)
+                prev = self._unit_max.get(i)
+                self._unit_max[i] = per_unit if prev is None else torch.maximum(prev, per_unit)
+                if threshold is not None:
+                    count = (x.abs() > threshold).sum()
+                    acc = self._sat.setdefault(i, [torch.zeros((), dtype=torch.int64, device=x.device), 0])
+                    acc[0] = acc[0] + count
+                    acc[1] += x.numel()  # a shape fact, no device read
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def detach(self) -> tuple[list[int], list[torch.Tensor], list[int], list[torch.Tensor]]:
+        """Remove the hooks; return (layers, dead fractions) and (layers, saturated fractions)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        dead_ids = list(self._unit_max)
+        dead = [(m <= 0).to(torch.float32).mean() for m in self._unit_max.values()]
+        sat_ids = [i for i, (_, total) in self._sat.items() if total]
+        sat = [self._sat[i][0].to(torch.float32) / self._sat[i][1] for i in sat_ids]
+        self._unit_max, self._sat = {}, {}
+        return dead_ids, dead, sat_ids, sat
+
+
 class TorchProbe:
     """Statistics of one optimizer's parameters, kept on the device until a flush.
 
@@ -258,6 +337,7 @@ class TorchProbe:
         layers: Sequence[LayerInfo],
         config: ProbeConfig,
         sink: Callable[[Chunk], None],
+        model: nn.Module | None = None,
     ):
         if not params:
             raise GradwatchError("there are no parameters to watch: the model or optimizer holds none.")
@@ -304,6 +384,13 @@ class TorchProbe:
         self._pending_loss: torch.Tensor | float | None = None
         self._snapshot: list[list[torch.Tensor]] | None = None
         self._lr_tensor = False
+        self._tap: _ActivationTap | None = None
+        if model is not None:
+            layer_of = {id(p): i for i, p in enumerate(self._params)}
+            acts = {i: l.activation for i, l in enumerate(self.layers)}
+            self._tap = _ActivationTap(model, layer_of, acts, self.device)
+            if config.is_sampled(0):
+                self._tap.attach()  # the next forward belongs to step 0
 
     def _slot_index(self, key: tuple, block: str, layer_ids: Sequence[int]) -> torch.Tensor:
         """Ring columns of ``block`` for ``layer_ids``, built once per pattern (no per-step H2D copy)."""
@@ -366,6 +453,12 @@ class TorchProbe:
                 self._weight_details(ring_row, gi, group)
                 snapshot.append(group.take_snapshot())
         self._snapshot = snapshot if sampled else None
+        if self._tap is not None and self._tap.attached:
+            dead_ids, dead, sat_ids, sat = self._tap.detach()
+            if dead:
+                self._put(ring_row, "a_dead", ("ad", tuple(dead_ids)), dead_ids, dead)
+            if sat:
+                self._put(ring_row, "a_sat", ("as", tuple(sat_ids)), sat_ids, sat)
         # Commit the row last: a step that failed half-way is never flushed as if it were whole.
         self._rows = row + 1
         self.step = step + 1
@@ -400,7 +493,10 @@ class TorchProbe:
 
     @torch.no_grad()
     def on_after_optimizer_step(self) -> None:
-        """On sampled steps, record ‖Δw‖ of the update the optimizer actually made."""
+        """On sampled steps, record ‖Δw‖ of the update the optimizer actually made; before a sampled
+        step, put the activation hooks on for its forward pass."""
+        if self._tap is not None and self.config.is_sampled(self.step):
+            self._tap.attach()
         if self._snapshot is None:
             return
         ring_row = self._ring[self._rows - 1]  # the row that on_before_optimizer_step committed
@@ -408,6 +504,11 @@ class TorchProbe:
             torch._foreach_sub_(before, group.weights)
             self._put(ring_row, "dw_norm", ("dw", gi), group.layer_ids, torch._foreach_norm(before, 2, dtype=torch.float32))
         self._snapshot = None
+
+    def remove_hooks(self) -> None:
+        """Take the activation hooks off the model (the watch is closing)."""
+        if self._tap is not None:
+            self._tap.remove()
 
     # -- loss ---------------------------------------------------------------------------------------
 
@@ -480,6 +581,8 @@ class TorchProbe:
                 "weight_mean": w_sum / numel,
                 "weight_std": w_cnorm / np.sqrt(numel),
                 "update_ratio": block("dw_norm") / w_norm,
+                "act_dead_frac": block("a_dead"),
+                "act_sat_frac": block("a_sat"),
             }
             # The global norm over the layers that have a gradient, as clip_grad_norm_ defines it.
             global_norm = np.sqrt(np.sum(np.where(present, g_norm, 0.0) ** 2, axis=1))
