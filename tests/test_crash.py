@@ -64,6 +64,12 @@ def assert_series_sound(run) -> None:
         assert values.shape == (len(run.steps), len(run.layers))
         if metric in EVERY_STEP:
             assert np.isfinite(values).all(), metric
+        elif metric.startswith("act_"):
+            # Per module (on its weight's column), and saturation only before sigmoid/tanh.
+            weights = [i for i, layer in enumerate(run.layers) if layer.name.endswith("weight")]
+            if metric == "act_dead_frac":
+                computed = ~np.isnan(values[:, weights]).all(axis=1)
+                assert computed[0] and np.isfinite(values[computed][:, weights]).all(), metric
         else:
             computed = ~np.isnan(values).all(axis=1)
             assert computed[0], f"{metric} was not computed at step 0"
