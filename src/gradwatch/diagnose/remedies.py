@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .finding import Remedy
 
 
@@ -31,7 +33,23 @@ def for_vanishing(run: Any, saturating: list[str]) -> list[Remedy]:
     return out
 
 
+#: A first loss this large (MSE on raw targets of scale ~100 gives ~1e4) points at unscaled targets.
+LARGE_FIRST_LOSS = 100.0
+
+
 def for_exploding(run: Any) -> list[Remedy]:
+    ranked = _exploding_base()
+    loss = run.step_series("loss")
+    finite = loss[np.isfinite(loss)]
+    if finite.size and float(finite[0]) > LARGE_FIRST_LOSS:
+        target = next(r for r in ranked if r.action == "scale_targets")
+        why = (f"the first loss is already {float(finite[0]):.3g}: targets (or inputs) of that scale produce "
+               "errors and gradients as large; standardise them (seed 001's fix).")
+        ranked = [Remedy(target.action, target.args, why)] + [r for r in ranked if r is not target]
+    return ranked
+
+
+def _exploding_base() -> list[Remedy]:
     return [
         Remedy("clip_norm", {"max_norm": 1.0},
                "caps the global gradient norm at each step without changing its direction (seed 001: clipnorm=1.0)."),

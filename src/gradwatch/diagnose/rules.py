@@ -37,18 +37,22 @@ EXPLODE_FACTOR = 100.0
 BASELINE_STEPS = 10
 #: Update ratio ‖Δw‖/‖w‖ above which a step rewrites a layer wholesale (rule of thumb is ~1e-3).
 UPDATE_RATIO_EXPLODE = 1.0
+#: ... counted only if the gradient norm also grew this much (or turned non-finite).
+UPDATE_GATE_GROWTH = 10.0
 #: Dead units: share of a layer's units whose gradient is exactly zero on every sampled step.
 DEAD_FRACTION = 0.5
 #: ... on at least this many sampled steps in a row, up to the end of the run.
 DEAD_MIN_SAMPLES = 3
+#: ... allowing single sampled steps down to this share of the threshold (a noisy batch).
+DEAD_DIP = 0.8
 _RELU_LIKE = (None, "ReLU", "ReLU6", "Hardtanh", "Threshold")  # None: a functional call we cannot see
 #: Saturation: the median share of pre-activations beyond the activation's 0.99 point, early on.
 SAT_FRACTION = 0.5
 SAT_ERROR = 0.9
 #: Loss spike: robust z-score (median / 1.4826·MAD over a trailing window) above this.
 SPIKE_Z = 8.0
-#: ... and it must undo at least this share of the progress made since the first steps (or double the
-#: loss if there was none): a small jump on a loss that has flattened out is noise however many MADs
+#: ... and it must undo at least this share of the progress made since the first steps, and at least
+#: double the loss: a small jump on a loss that has flattened out is noise however many MADs
 #: it spans.
 SPIKE_UNDO = 0.25
 SPIKE_WINDOW = 50
@@ -86,10 +90,22 @@ def _first(mask: np.ndarray) -> int | None:
 
 
 def _weight_layers(run: RunLike) -> list[int]:
+    """Weight matrices and kernels (``*.weight``, ``weight_ih_l0``...): what carries the gradient
+    flow. Embedding tables and free parameters (positional tables, scales) are left out."""
     return [
         i for i, l in enumerate(run.layers)
         if len(l.shape) >= 2 and l.trainable and l.module_type not in _EXCLUDED_FROM_FLOW and l.numel > 0
+        and "weight" in l.name.rsplit(".", 1)[-1]
     ]
+
+
+def _output_layers(run: RunLike) -> set[str]:
+    """Each optimizer's last weight layer and its bias: the head, whose units are not activations."""
+    out: set[str] = set()
+    for ids in _streams(run):
+        name = run.layers[ids[-1]].name
+        out |= {name, name.rsplit(".", 1)[0] + ".bias"}
+    return out
 
 
 def _streams(run: RunLike) -> list[list[int]]:
@@ -201,6 +217,10 @@ def exploding(run: RunLike) -> Finding | None:
     with np.errstate(invalid="ignore"):
         big_update = np.isfinite(upd) & (np.nan_to_num(upd, nan=0.0) > UPDATE_RATIO_EXPLODE)
     upd_row = _first(big_update.any(axis=1)) if big_update.size else None
+    # With Adam/RMSprop a too-large lr alone gives huge update ratios whatever the gradient: count
+    # them as an explosion only when the gradients also grew or went non-finite.
+    if upd_row is not None and first_bad is None and not _grew(gnorm, UPDATE_GATE_GROWTH):
+        upd_row = None
     if row is None and upd_row is None:
         # A jump straight from normal to non-finite with growth on the way is an explosion too.
         if first_bad is not None and _grew_into_nonfinite(gnorm, first_bad):
@@ -241,6 +261,12 @@ def exploding(run: RunLike) -> Finding | None:
         },
         remedies=R.for_exploding(run),
     )
+
+
+def _grew(gnorm: np.ndarray, factor: float) -> bool:
+    finite = gnorm[np.isfinite(gnorm)]
+    base = _baseline(gnorm)
+    return finite.size >= 2 and base > 0 and float(finite.max()) > factor * base
 
 
 def _grew_into_nonfinite(gnorm: np.ndarray, first_bad: int) -> bool:
@@ -340,9 +366,10 @@ def dead_units(run: RunLike) -> Finding | None:
         return None
     zero = run.layer_series("grad_zero_frac")
     act_dead = run.layer_series("act_dead_frac")
+    head = _output_layers(run)
     dead: dict[str, tuple[float, int]] = {}
     for i, layer in enumerate(run.layers):
-        if not layer.trainable or layer.module_type in _EXCLUDED_FROM_FLOW or layer.numel < 2:
+        if not layer.trainable or layer.module_type in _EXCLUDED_FROM_FLOW or layer.numel < 2 or layer.name in head:
             continue
         if layer.activation not in _RELU_LIKE:
             continue
@@ -381,17 +408,19 @@ def dead_units(run: RunLike) -> Finding | None:
 
 
 def _sustained(col: np.ndarray, threshold: float) -> tuple[float, int] | None:
-    """(lowest value, first row) of the final stretch of computed values all >= threshold, if that
-    stretch has at least DEAD_MIN_SAMPLES values: true from some step to the end of the run."""
+    """(median, first row) of the final stretch of computed values that stays at or above
+    DEAD_DIP x threshold with a median at or above threshold, if it has at least DEAD_MIN_SAMPLES
+    values: true from some step to the end of the run (one noisy batch does not end it)."""
     rows = np.flatnonzero(np.isfinite(col))
     if rows.size < DEAD_MIN_SAMPLES:
         return None
     z = col[rows]
-    below = np.flatnonzero(z < threshold)
+    below = np.flatnonzero(z < DEAD_DIP * threshold)
     start = int(below[-1]) + 1 if below.size else 0
     if rows.size - start < DEAD_MIN_SAMPLES:
         return None
-    return float(np.min(z[start:])), int(rows[start])
+    med = float(np.median(z[start:]))
+    return (med, int(rows[start])) if med >= threshold else None
 
 
 # ---------------------------------------------------------------------------------- saturation
@@ -450,7 +479,7 @@ def loss_spike(run: RunLike) -> Finding | None:
         scale = max(mad, 1e-12 * max(abs(med), 1e-30))
         z = (loss[t] - med) / scale
         progress = start_level - med
-        floor = med + SPIKE_UNDO * progress if progress > 0 else 2 * med
+        floor = max(med + SPIKE_UNDO * progress, 2 * med) if progress > 0 else 2 * med
         if z > SPIKE_Z and loss[t] > floor:
             spikes.append((t, z))
     if not spikes:
