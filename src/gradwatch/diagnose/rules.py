@@ -328,8 +328,9 @@ def vanishing(run: RunLike) -> Finding | None:
     detail = f"; {len(saturating)} layers use {'/'.join(sorted(set(saturating)))}" if saturating else ""
     sat = run.layer_series("act_sat_frac")[early][:, ids]
     sat_med = np.asarray(_nanmedian(sat, axis=0), dtype=np.float64)
-    if np.isfinite(sat_med).any():
-        detail += f", {float(np.nanmean(sat_med)):.0%} saturated on average"
+    mean_sat = float(np.nanmean(sat_med)) if np.isfinite(sat_med).any() else math.nan
+    if math.isfinite(mean_sat) and mean_sat >= 0.05:  # below that, saturation is not the story
+        detail += f", {mean_sat:.0%} of their pre-activations saturated"
     return Finding(
         kind="vanishing_gradients",
         severity=severity,
@@ -346,6 +347,7 @@ def vanishing(run: RunLike) -> Finding | None:
             "threshold": threshold,
             "window_steps": [int(run.steps[0]), int(run.steps[early][-1])],
             "saturating_activations": len(saturating),
+            "mean_saturated_fraction": mean_sat,
             "depth": len(ids),
         },
         remedies=R.for_vanishing(run, saturating),
