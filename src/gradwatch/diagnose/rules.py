@@ -467,23 +467,23 @@ def loss_spike(run: RunLike) -> Finding | None:
     n = len(loss)
     if n <= SPIKE_WARMUP + 5:
         return None
-    spikes: list[tuple[int, float]] = []
     start_level = float(_nanmedian(loss[:SPIKE_WARMUP]))
-    for t in range(SPIKE_WARMUP, n):
-        if not math.isfinite(loss[t]):
-            continue
-        window = loss[max(0, t - SPIKE_WINDOW) : t]
-        window = window[np.isfinite(window)]
-        if window.size < SPIKE_WARMUP:
-            continue
-        med = float(np.median(window))
-        mad = float(np.median(np.abs(window - med))) * _MAD_TO_SIGMA
-        scale = max(mad, 1e-12 * max(abs(med), 1e-30))
-        z = (loss[t] - med) / scale
+    clean = np.where(np.isfinite(loss), loss, np.nan)
+    # Row t of `windows` is loss[t - SPIKE_WINDOW : t] (NaN-padded at the start), all at once.
+    windows = np.lib.stride_tricks.sliding_window_view(
+        np.concatenate([np.full(SPIKE_WINDOW, np.nan), clean]), SPIKE_WINDOW
+    )[:n]
+    enough = np.sum(np.isfinite(windows), axis=1) >= SPIKE_WARMUP
+    med = np.asarray(_nanmedian(windows, axis=1), dtype=np.float64)
+    mad = np.asarray(_nanmedian(np.abs(windows - med[:, None]), axis=1), dtype=np.float64) * _MAD_TO_SIGMA
+    scale = np.maximum(mad, 1e-12 * np.maximum(np.abs(med), 1e-30))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (clean - med) / scale
         progress = start_level - med
-        floor = max(med + SPIKE_UNDO * progress, 2 * med) if progress > 0 else 2 * med
-        if z > SPIKE_Z and loss[t] > floor:
-            spikes.append((t, z))
+        floor = np.where(progress > 0, np.maximum(med + SPIKE_UNDO * progress, 2 * med), 2 * med)
+        hit = enough & np.isfinite(clean) & (z > SPIKE_Z) & (clean > floor)
+    hit[:SPIKE_WARMUP] = False
+    spikes = [(int(t), float(z[t])) for t in np.flatnonzero(hit)]
     if not spikes:
         return None
     t0, z0 = spikes[0]
