@@ -263,7 +263,8 @@ class Watch:
         self._windows += 1
         w = self._windows
         # Every window at first, then at powers of two: online diagnosis stays O(n log n) overall.
-        if self.diagnose_online and (w <= ONLINE_EVERY_WINDOW_UNTIL or w & (w - 1) == 0):
+        # Quiet watches announce nothing, so they skip it; the final diagnosis runs either way.
+        if self.diagnose_online and not self.quiet and (w <= ONLINE_EVERY_WINDOW_UNTIL or w & (w - 1) == 0):
             self._diagnose_online()
 
     def _diagnose_online(self) -> None:
