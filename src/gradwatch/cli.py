@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("run_dir", metavar="DIR", help="a run directory written by gradwatch")
     diag.add_argument("--json", action="store_true", help="print findings.json's format on stdout instead of the summary")
 
+    rep = sub.add_parser("report", help="write the self-contained HTML report of a stored run")
+    rep.add_argument("run_dir", metavar="DIR", help="a run directory written by gradwatch")
+    rep.add_argument("--out", metavar="FILE", help="where to write it (default DIR/report.html)")
+
     demo = sub.add_parser("demo", help="the built-in default run: seed 000's sigmoid MLP on make_moons (vanishing)")
     _add_watch_options(demo)
     demo.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20; the seed uses 100)")
@@ -104,6 +108,14 @@ def _cmd_diagnose(ns: argparse.Namespace) -> int:
         print(json.dumps(findings_json(findings), indent=1))
     else:
         print_findings(findings, Console(highlight=False))
+    return 0
+
+
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from .report.html import write_report
+
+    path = write_report(ns.run_dir, ns.out)
+    print(f"gradwatch: report written to {path} ({path.stat().st_size / 1e6:.2f} MB)", file=sys.stderr)
     return 0
 
 
@@ -147,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_demo(ns)
         if ns.command == "diagnose":
             return _cmd_diagnose(ns)
+        if ns.command == "report":
+            return _cmd_report(ns)
     except GradwatchError as e:
         print(f"gradwatch: error: {e}", file=sys.stderr)  # one line, never wrapped
         return 2

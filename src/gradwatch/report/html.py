@@ -1,0 +1,143 @@
+"""A self-contained HTML report of a stored run: one file, images and data embedded, no network.
+
+Top to bottom: the findings (each with evidence and remedies, linked to the plot that shows it), the
+layer x step gradient-flow heatmap, the seeds' gradient and weight plots, the global norm, the
+update ratios and activation fractions, then the run's metadata. Every piece of user text (layer
+names, options, evidence) is escaped: it appears as text, never as markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ..store import Run, load_run
+from . import plots
+
+REPORT_FILE = "report.html"
+DPI = 80  # keeps a full report of a deep model within a few MB
+
+_KIND_TO_PLOT = {
+    "vanishing_gradients": "flow",
+    "exploding_gradients": "norm",
+    "nonfinite": "norm",
+    "dead_units": "activations",
+    "saturated_units": "activations",
+    "loss_spike": "gradients",
+    "stalled_training": "updates",
+}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+.finding{border-left:5px solid #999;padding:.4em 1em;margin:1em 0;background:#fafafa}
+.finding.error{border-color:#c62828}.finding.warning{border-color:#f9a825}.finding.info{border-color:#1565c0}
+.sev{font-weight:bold;text-transform:uppercase;font-size:.85em}
+table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:2px 6px;text-align:left}
+img{max-width:100%;height:auto}
+pre{background:#f4f4f4;padding:.5em;overflow-x:auto;font-size:.8em}
+.ok{color:#2e7d32;font-weight:bold}
+"""
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _findings_html(findings: list) -> str:  # type: ignore[type-arg]
+    if not findings:
+        return '<p class="ok">No problems found: no warning or error.</p>'
+    parts = []
+    for f in findings:
+        remedies = "".join(
+            f"<li><code>{_e(r.action)}({_e(', '.join(f'{k}={v}' for k, v in r.args.items()))})</code> — {_e(r.why)}</li>"
+            for r in f.remedies
+        )
+        layers = ", ".join(_e(x) for x in f.layers[:12]) + (f" (+{len(f.layers) - 12} more)" if len(f.layers) > 12 else "")
+        target = _KIND_TO_PLOT.get(f.kind, "flow")
+        parts.append(
+            f'<div class="finding {_e(f.severity)}"><span class="sev">{_e(f.severity)}</span> '
+            f"{_e(f.summary)}"
+            f"<br>steps {f.first_step}–{f.last_step}" + (f"; layers: {layers}" if layers else "")
+            + f' — <a href="#{target}">see the plot</a>'
+            f"<details><summary>evidence</summary><pre>{_e(json.dumps(f.to_json()['evidence'], indent=1))}</pre></details>"
+            f"<ol>{remedies}</ol></div>"
+        )
+    return "".join(parts)
+
+
+def _meta_html(run: Run) -> str:
+    rows = "".join(
+        f"<tr><td>{i}</td><td>{_e(l.name)}</td><td>{_e('x'.join(map(str, l.shape)))}</td><td>{l.numel}</td>"
+        f"<td>{_e(l.module_type)}</td><td>{_e(l.activation or '')}</td><td>{_e(l.dtype)}</td><td>{'yes' if l.trainable else 'no'}</td></tr>"
+        for i, l in enumerate(run.layers)
+    )
+    streams = "".join(
+        f"<li>{_e(s.get('label', ''))}: {_e(s.get('optimizer', '?'))} on {_e(s.get('model', '?'))} — "
+        f"<code>{_e(json.dumps(s.get('defaults', {})))}</code></li>"
+        for s in run.streams
+    )
+    return (
+        f"<p>status: <b>{_e(run.status)}</b>; {len(run.steps)} steps recorded; created {_e(run.meta.get('created', '?'))}</p>"
+        f"<ul>{streams}</ul>"
+        f"<p>framework: <code>{_e(json.dumps(run.meta.get('framework', {})))}</code><br>"
+        f"options: <code>{_e(json.dumps(run.meta.get('options', {})))}</code></p>"
+        "<details><summary>layer table</summary><table><tr><th>#</th><th>layer</th><th>shape</th><th>numel</th>"
+        f"<th>module</th><th>activation</th><th>dtype</th><th>trainable</th></tr>{rows}</table></details>"
+    )
+
+
+def render(run: Run) -> str:
+    """The report of ``run`` as one HTML string."""
+    findings = run.findings
+    sections: list[tuple[str, str, Callable[[Run], Any]]] = [
+        ("flow", "Gradient flow", plots.gradient_flow_heatmap),
+        ("gradients", "Gradients and loss (seed 004's plot_gradient)", plots.gradient_plots),
+        ("weights", "Weights (seed 004's plotweight)", plots.weight_plots),
+        ("norm", "Global gradient norm", plots.norm_plot),
+        ("updates", "Update ratio", plots.update_ratio_plot),
+        ("activations", "Activations: dead and saturated units", plots.activation_plot),
+    ]
+    body = [f"<h1>gradwatch report — {_e(run.path.name)}</h1>", "<h2 id='findings'>Findings</h2>", _findings_html(findings)]
+    if len(run.steps) == 0:
+        body.append("<p>No optimizer step was recorded, so there is nothing to plot.</p>")
+    else:
+        for anchor, title, draw in sections:
+            fig = draw(run)
+            body.append(f"<h2 id='{anchor}'>{_e(title)}</h2>")
+            if fig is None:
+                body.append("<p>Not recorded in this run.</p>")
+            else:
+                body.append(f'<img alt="{_e(title)}" src="data:image/png;base64,{_png(fig)}">')
+    body.append("<h2 id='meta'>Run</h2>" + _meta_html(run))
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>gradwatch — {_e(run.path.name)}</title><style>{_CSS}</style></head><body>"
+        + "".join(body)
+        + "</body></html>"
+    )
+
+
+def write_report(run: Run | str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+    """Write the HTML report (default ``RUN/report.html``) and return its path."""
+    if not isinstance(run, Run):
+        run = load_run(run)
+    target = Path(out) if out is not None else run.path / REPORT_FILE
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(render(run), encoding="utf-8")
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,173 @@
+"""TensorBoard export of a stored run: ``export_tensorboard(run, logdir)``.
+
+What is written, into one event file in ``logdir`` (read it with ``tensorboard --logdir LOGDIR``):
+
+* step scalars, one per recorded optimizer step: ``loss`` (where logged), ``grad_norm`` (the global
+  gradient norm) and ``lr`` — and any further per-step series the run holds (clip coefficients,
+  skipped steps), under their own names. The bookkeeping series ``time``, ``sampled`` and
+  ``loss_logged`` are not exported; ``time`` gives each event its wall time instead.
+* layer scalars, tagged ``<metric>/<layer name>`` with layer names as stored (dots and slashes
+  kept): ``grad_norm/<layer>`` and ``grad_rms/<layer>`` at every step, ``update_ratio/<layer>``
+  (‖Δw‖/‖w‖) at the sampled steps.
+* histograms of log10|g| per layer, tagged ``grad_log10_abs/<layer>``, at the sampled steps, with
+  gradwatch's own log2 bins and counts (no resampling). The two outer bins are open-ended in the
+  run (zeros and |g| < 2^-40; |g| >= 2^14 and non-finite values): here they are one bin width wide.
+  ``sum`` and ``sum_squares`` of a histogram are estimated from bin centres.
+
+Values that were not computed (NaN) are skipped everywhere, so a sampled-only metric has events at
+the sampled steps alone; a NaN loss or gradient norm is skipped too (the diagnosis reports those).
+The step axis is the optimizer step. Needs the ``tensorboard`` package (``gradwatch[tensorboard]``);
+the writer is torch's ``torch.utils.tensorboard``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import GradwatchError
+from ..store import LAYER_METRICS, STEP_METRICS, Run, load_run
+
+#: Per-layer metrics exported by default: the every-step gradient scale and the sampled update ratio.
+DEFAULT_LAYER_METRICS: tuple[str, ...] = ("grad_norm", "grad_rms", "update_ratio")
+
+#: Step series that describe the recording rather than the training; not exported as scalars.
+_BOOKKEEPING = frozenset({"time", "sampled", "loss_logged"})
+
+HIST_TAG = "grad_log10_abs"
+
+_MISSING = (
+    "TensorBoard export needs the tensorboard package; install it with `pip install gradwatch[tensorboard]`."
+)
+
+
+def _walltimes(run: Run) -> np.ndarray:
+    """Seconds since the epoch for each recorded step: the run's start plus its ``time`` series."""
+    try:
+        base = datetime.strptime(str(run.meta.get("created")), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        base = (run.path / "meta.json").stat().st_mtime if (run.path / "meta.json").exists() else 0.0
+    t = run.step_series("time").astype(np.float64)
+    # Steps without a time (never, today) take the last known one; time never runs backwards.
+    t = np.maximum.accumulate(np.where(np.isfinite(t), t, -np.inf)) if len(t) else t
+    return base + np.where(np.isfinite(t), t, 0.0)
+
+
+def _histogram(counts: np.ndarray, edges: np.ndarray) -> dict | None:
+    """``add_histogram_raw`` arguments for one layer's stored counts, or None when there are none.
+
+    Empty bins at either end are dropped, so that TensorBoard, which takes a histogram's ``min`` as
+    the left edge of its first bucket and ``max`` as the right edge of its last, draws every bucket
+    exactly where gradwatch counted it.
+    """
+    if not np.all(np.isfinite(counts)) or counts.sum() <= 0:
+        return None
+    nz = np.flatnonzero(counts > 0)
+    lo, hi = int(nz[0]), int(nz[-1]) + 1
+    e = edges.astype(np.float64).copy()
+    width = e[2] - e[1]
+    e[0], e[-1] = e[1] - width, e[-2] + width
+    c = counts[lo:hi].astype(np.float64)
+    centres = (e[lo:hi] + e[lo + 1 : hi + 1]) / 2
+    return dict(
+        min=float(e[lo]),
+        max=float(e[hi]),
+        num=float(c.sum()),
+        sum=float((c * centres).sum()),
+        sum_squares=float((c * centres**2).sum()),
+        bucket_limits=[float(x) for x in e[lo + 1 : hi + 1]],
+        bucket_counts=[float(x) for x in c],
+    )
+
+
+def export_tensorboard(
+    run: Run | str | os.PathLike[str],
+    logdir: str | os.PathLike[str],
+    *,
+    layer_metrics: Sequence[str] = DEFAULT_LAYER_METRICS,
+    histograms: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write a stored run as TensorBoard events into ``logdir``; returns ``logdir``.
+
+    Args:
+        run: a :class:`~gradwatch.Run` or the path of a run directory.
+        logdir: the directory to write to (created if missing); point ``tensorboard --logdir`` at it
+            or at a directory above it.
+        layer_metrics: the per-layer metrics written as ``<metric>/<layer>`` scalars (names of
+            ``gradwatch.LAYER_METRICS``).
+        histograms: write the log10|g| histograms of the sampled steps.
+        overwrite: replace the event files already in ``logdir``; without it, a ``logdir`` that
+            already holds events is an error (TensorBoard would show both exports overlaid).
+
+    Raises:
+        GradwatchError: the tensorboard package is missing, a metric name is unknown, or ``logdir``
+            already holds TensorBoard events and ``overwrite`` is false.
+    """
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard import FileWriter
+        from torch.utils.tensorboard.summary import histogram_raw
+    except ImportError:
+        raise GradwatchError(_MISSING) from None
+
+    if not isinstance(run, Run):
+        run = load_run(run)
+    unknown = [m for m in layer_metrics if m not in LAYER_METRICS]
+    if unknown:
+        raise GradwatchError(
+            f"unknown layer metric {unknown[0]!r} for the TensorBoard export; known layer metrics: "
+            f"{', '.join(LAYER_METRICS)}."
+        )
+    out = Path(logdir)
+    if out.exists() and not out.is_dir():
+        raise GradwatchError(f"{out} exists and is not a directory; pass a directory for the TensorBoard events.")
+    old = sorted(out.glob("events.out.tfevents.*")) if out.is_dir() else []
+    if old and not overwrite:
+        raise GradwatchError(
+            f"{out} already holds TensorBoard events ({old[0].name}); pass another logdir or overwrite=True."
+        )
+    for f in old:
+        f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    steps = run.steps
+    walltime = _walltimes(run)
+    names = [layer.name for layer in run.layers]
+    step_values = {m: run.step_series(m) for m in STEP_METRICS if m not in _BOOKKEEPING}
+    layer_values = {m: run.layer_series(m) for m in layer_metrics}
+
+    # One event per step carrying all of that step's scalars: the same records TensorBoard reads from
+    # add_scalar, at a seventh of the cost (a run has steps x layers x metrics of them).
+    writer = FileWriter(str(out), max_queue=1000, flush_secs=3600)
+    try:
+        for row, step in enumerate(steps.tolist()):
+            values = [
+                Summary.Value(tag=m, simple_value=float(v[row]))
+                for m, v in step_values.items()
+                if not np.isnan(v[row])
+            ]
+            for m, v in layer_values.items():
+                line = v[row]
+                for i in np.flatnonzero(~np.isnan(line)).tolist():
+                    values.append(Summary.Value(tag=f"{m}/{names[i]}", simple_value=float(line[i])))
+            if values:
+                writer.add_summary(Summary(value=values), int(step), float(walltime[row]))
+
+        if histograms:
+            hsteps, counts, edges = run.histograms()
+            rows = np.searchsorted(steps, hsteps)
+            for k, step in enumerate(hsteps.tolist()):
+                row = int(rows[k])
+                wt = float(walltime[row]) if row < len(steps) and steps[row] == step else None
+                for i, name in enumerate(names):
+                    h = _histogram(counts[k, i], edges)
+                    if h is not None:
+                        writer.add_summary(histogram_raw(f"{HIST_TAG}/{name}", **h), int(step), wt)
+    finally:
+        writer.close()
+    return out

@@ -1,0 +1,141 @@
+"""TensorBoard export: a stored run written as event files and read back with TensorBoard's reader."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.store import STEP_METRICS, hist_edges
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+
+from gradwatch.report.tensorboard import HIST_TAG, export_tensorboard  # noqa: E402
+
+N_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    out = tmp_path_factory.mktemp("tb") / "run"
+    with gw.watch(model, opt, out=out, quiet=True, sample_every=2) as w:
+        for _ in range(N_STEPS):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    return gw.load_run(out)
+
+
+@pytest.fixture(scope="module")
+def events(run, tmp_path_factory):
+    logdir = export_tensorboard(run, tmp_path_factory.mktemp("tb") / "logs")
+    acc = event_accumulator.EventAccumulator(
+        str(logdir), size_guidance={k: 0 for k in event_accumulator.DEFAULT_SIZE_GUIDANCE}
+    )
+    acc.Reload()
+    return acc
+
+
+def _scalars(acc, tag):
+    ev = acc.Scalars(tag)
+    return np.array([e.step for e in ev]), np.array([e.value for e in ev], np.float32)
+
+
+def test_tags_exist(run, events):
+    tags = events.Tags()
+    first = run.layers[0].name
+    for tag in ("loss", "grad_norm", "lr", f"grad_norm/{first}", f"grad_rms/{first}", f"update_ratio/{first}"):
+        assert tag in tags["scalars"], tag
+    assert f"{HIST_TAG}/{first}" in tags["histograms"]
+    # every step series that is about training (not bookkeeping) is exported; nothing else is
+    exported = {t for t in tags["scalars"] if "/" not in t}
+    assert exported == set(STEP_METRICS) - {"time", "sampled", "loss_logged"}
+
+
+def test_every_step_scalars_match_the_stored_series(run, events):
+    assert len(run.steps) == N_STEPS
+    for name in ("loss", "grad_norm", "lr"):
+        steps, values = _scalars(events, name)
+        np.testing.assert_array_equal(steps, run.steps)
+        np.testing.assert_allclose(values, run.step_series(name), rtol=1e-6)
+    for metric in ("grad_norm", "grad_rms"):
+        stored = run.layer_series(metric)
+        for i, layer in enumerate(run.layers):
+            steps, values = _scalars(events, f"{metric}/{layer.name}")
+            np.testing.assert_array_equal(steps, run.steps)
+            np.testing.assert_allclose(values, stored[:, i], rtol=1e-6)
+
+
+def test_sampled_scalars_only_where_computed(run, events):
+    stored = run.layer_series("update_ratio")
+    sampled = run.steps[run.step_series("sampled") > 0]
+    assert 0 < len(sampled) < len(run.steps)  # the test means something only if some steps are not sampled
+    for i, layer in enumerate(run.layers):
+        ok = ~np.isnan(stored[:, i])
+        steps, values = _scalars(events, f"update_ratio/{layer.name}")
+        assert len(steps) == ok.sum() <= len(sampled)
+        assert set(steps.tolist()) <= set(sampled.tolist())
+        np.testing.assert_array_equal(steps, run.steps[ok])
+        np.testing.assert_allclose(values, stored[ok, i], rtol=1e-6)
+
+
+def test_histograms_keep_the_stored_bins(run, events):
+    hsteps, counts, edges = run.histograms()
+    assert len(hsteps)
+    inner = edges[1:-1]
+    width = inner[1] - inner[0]
+    for i, layer in enumerate(run.layers):
+        hist = events.Histograms(f"{HIST_TAG}/{layer.name}")
+        assert [h.step for h in hist] == hsteps.tolist()
+        for k, h in enumerate(hist):
+            v = h.histogram_value
+            c = counts[k, i]
+            assert v.num == c.sum() == layer.numel
+            nz = np.flatnonzero(c > 0)
+            lo, hi = nz[0], nz[-1] + 1
+            np.testing.assert_array_equal(v.bucket, c[lo:hi])
+            # right edges: the stored ones, the infinite outer edges one bin width beyond the inner ones
+            right = np.append(inner, inner[-1] + width)[lo:hi]
+            np.testing.assert_allclose(v.bucket_limit, right, rtol=0, atol=1e-12)
+            left = np.insert(inner, 0, inner[0] - width)[lo]
+            assert v.min == pytest.approx(left) and v.max == pytest.approx(right[-1])
+            assert np.isfinite([v.min, v.max, v.sum, v.sum_squares]).all()
+    assert np.array_equal(edges, hist_edges())
+
+
+def test_existing_events_need_overwrite(run, tmp_path):
+    logdir = export_tensorboard(run, tmp_path / "logs")
+    with pytest.raises(gw.GradwatchError, match="already holds TensorBoard events"):
+        export_tensorboard(run, logdir)
+    export_tensorboard(run.path, logdir, overwrite=True)  # a run directory's path works too
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
+
+
+def test_unknown_metric(run, tmp_path):
+    with pytest.raises(gw.GradwatchError, match="unknown layer metric 'grad_nrm'"):
+        export_tensorboard(run, tmp_path / "logs", layer_metrics=["grad_nrm"])
+
+
+def test_missing_tensorboard_is_one_sentence(run, tmp_path, monkeypatch):
+    for name in list(sys.modules):
+        if name == "tensorboard" or name.startswith(("tensorboard.", "torch.utils.tensorboard")):
+            monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(gw.GradwatchError) as info:
+        export_tensorboard(run, tmp_path / "logs")
+    assert str(info.value) == (
+        "TensorBoard export needs the tensorboard package; install it with `pip install gradwatch[tensorboard]`."
+    )
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert not (tmp_path / "logs").exists()
