@@ -126,3 +126,12 @@ def test_chromium_renders_the_report(case: str, tmp_path: Path) -> None:
     pixels = imread(shot)
     assert pixels.shape[0] == 1600 and pixels.shape[1] == 1200
     assert np.std(pixels[..., :3]) > 0.05  # not a blank page
+
+
+def test_watch_writes_the_report_when_it_closes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gw.watch(model, opt, out=tmp_path / "run", quiet=True, report=True) as w:
+        train(model, opt, 10, on_step=lambda loss: w.log(loss=loss))
+    assert (tmp_path / "run" / "report.html").stat().st_size > 10_000

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
@@ -37,6 +38,7 @@ def _add_watch_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recording")
     g.add_argument("--out", metavar="DIR", help="run directory (default: gradwatch-runs/NAME-TIME)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     g.add_argument("--flush-every", type=_positive_int, default=50, metavar="N", help="steps per device->host copy (default 50)")
     g.add_argument("--sample-every", type=_positive_int, default=50, metavar="N",
                    help="steps between full statistics; the gradient norm is recorded every step (default 50)")
@@ -47,6 +49,7 @@ def _watch_options(ns: argparse.Namespace) -> dict:
         "flush_every": ns.flush_every,
         "sample_every": ns.sample_every,
         "overwrite": ns.overwrite,
+        **({"report": False} if ns.no_report else {}),
     }
 
 
@@ -146,6 +149,9 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     print_summary(load_run(result.out), _err)
     print_findings(read_findings(result.out), _err)
     _err.print(f"Run directory: [bold]{result.out}[/bold]  (read it with gradwatch.load_run({str(result.out)!r}))")
+    report = Path(result.out) / "report.html"
+    if report.exists():
+        _err.print(f"Report: [bold]{report}[/bold]  (open it in a browser)")
     return 0
 
 

@@ -33,6 +33,8 @@ from .store import Chunk, LayerInfo, RunWriter, StreamWriter, load_run
 DEFAULT_ROOT = "gradwatch-runs"
 #: Online diagnosis runs after each of the first windows, then after windows 2^k.
 ONLINE_EVERY_WINDOW_UNTIL = 20
+#: Whether a watch writes report.html when it closes, unless told otherwise (GRADWATCH_REPORT=0: no).
+REPORT_BY_DEFAULT = os.environ.get("GRADWATCH_REPORT", "1") != "0"
 
 
 def default_out(name: str = "run") -> Path:
@@ -94,6 +96,8 @@ class Watch:
         quiet: print nothing.
         diagnose_online: diagnose the stored windows during the run and print each new problem
             once, the moment it is found; the full diagnosis is written at the end either way.
+        report: write ``report.html`` at the end (default: yes, unless the environment sets
+            ``GRADWATCH_REPORT=0``).
 
     Use it as a context manager (hooks attach on enter and detach on exit), or call
     :meth:`attach` and :meth:`close` yourself.
@@ -110,6 +114,7 @@ class Watch:
         overwrite: bool = False,
         quiet: bool = False,
         diagnose_online: bool = True,
+        report: bool | None = None,
         _lazy: bool = False,
     ):
         if model is not None and not isinstance(model, nn.Module):
@@ -133,6 +138,7 @@ class Watch:
         self._last: _Attached | None = None
         self._staged_loss: torch.Tensor | None = None
         self.diagnose_online = diagnose_online
+        self.report = REPORT_BY_DEFAULT if report is None else report
         self._windows = 0
         self._announced: set[str] = set()
         self._findings: list[Any] | None = None
@@ -347,6 +353,8 @@ class Watch:
                 _live.discard(self)
                 shutdown.release()
             self._final_diagnosis()
+            if self.report:
+                self._write_report()
         if not self.quiet:
             steps = max((a.probe.step for a in self._attached.values()), default=0)
             n_layers = len(self._writer.layers)
@@ -361,6 +369,17 @@ class Watch:
         except Exception as e:  # the record is safe; say why the diagnosis is missing
             print(f"gradwatch: could not diagnose {self.out} ({type(e).__name__}: {e}); "
                   f"run `gradwatch diagnose {self.out}` to retry.", file=sys.stderr)
+
+    def _write_report(self) -> None:
+        try:
+            from .report.html import write_report
+
+            path = write_report(self.out)
+            if not self.quiet:
+                print(f"gradwatch: report -> {path}", file=sys.stderr)
+        except Exception as e:  # the run and its findings are stored; the picture can be redrawn
+            print(f"gradwatch: could not write the report ({type(e).__name__}: {e}); "
+                  f"run `gradwatch report {self.out}` to retry.", file=sys.stderr)
 
     # -- results ----------------------------------------------------------------------------------
 
