@@ -139,3 +139,19 @@ def test_missing_tensorboard_is_one_sentence(run, tmp_path, monkeypatch):
     )
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert not (tmp_path / "logs").exists()
+
+
+def test_watch_option_writes_event_files_at_close(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, out=tmp_path / "run", quiet=True, tensorboard=tmp_path / "tb") as w:
+        for _ in range(5):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert len(acc.Scalars("loss")) == 5

@@ -39,6 +39,7 @@ def _add_watch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", metavar="DIR", help="run directory (default: gradwatch-runs/NAME-TIME)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    g.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files into DIR at the end")
     g.add_argument("--flush-every", type=_positive_int, default=50, metavar="N", help="steps per device->host copy (default 50)")
     g.add_argument("--sample-every", type=_positive_int, default=50, metavar="N",
                    help="steps between full statistics; the gradient norm is recorded every step (default 50)")
@@ -50,6 +51,7 @@ def _watch_options(ns: argparse.Namespace) -> dict:
         "sample_every": ns.sample_every,
         "overwrite": ns.overwrite,
         **({"report": False} if ns.no_report else {}),
+        **({"tensorboard": ns.tensorboard} if ns.tensorboard else {}),
     }
 
 

@@ -98,6 +98,8 @@ class Watch:
             once, the moment it is found; the full diagnosis is written at the end either way.
         report: write ``report.html`` at the end (default: yes, unless the environment sets
             ``GRADWATCH_REPORT=0``).
+        tensorboard: also write TensorBoard event files of the run into this directory at the end
+            (needs the ``tensorboard`` extra).
 
     Use it as a context manager (hooks attach on enter and detach on exit), or call
     :meth:`attach` and :meth:`close` yourself.
@@ -115,6 +117,7 @@ class Watch:
         quiet: bool = False,
         diagnose_online: bool = True,
         report: bool | None = None,
+        tensorboard: str | os.PathLike[str] | None = None,
         _lazy: bool = False,
     ):
         if model is not None and not isinstance(model, nn.Module):
@@ -139,6 +142,7 @@ class Watch:
         self._staged_loss: torch.Tensor | None = None
         self.diagnose_online = diagnose_online
         self.report = REPORT_BY_DEFAULT if report is None else report
+        self.tensorboard = Path(tensorboard) if tensorboard is not None else None
         self._windows = 0
         self._announced: set[str] = set()
         self._findings: list[Any] | None = None
@@ -355,6 +359,8 @@ class Watch:
             self._final_diagnosis()
             if self.report:
                 self._write_report()
+            if self.tensorboard is not None:
+                self._write_tensorboard()
         if not self.quiet:
             steps = max((a.probe.step for a in self._attached.values()), default=0)
             n_layers = len(self._writer.layers)
@@ -369,6 +375,16 @@ class Watch:
         except Exception as e:  # the record is safe; say why the diagnosis is missing
             print(f"gradwatch: could not diagnose {self.out} ({type(e).__name__}: {e}); "
                   f"run `gradwatch diagnose {self.out}` to retry.", file=sys.stderr)
+
+    def _write_tensorboard(self) -> None:
+        try:
+            from .report.tensorboard import export_tensorboard
+
+            path = export_tensorboard(self.out, self.tensorboard, overwrite=True)
+            if not self.quiet:
+                print(f"gradwatch: TensorBoard events -> {path}", file=sys.stderr)
+        except Exception as e:  # the run is stored; the export can be redone from it
+            print(f"gradwatch: could not write TensorBoard events ({type(e).__name__}: {e})", file=sys.stderr)
 
     def _write_report(self) -> None:
         try:
