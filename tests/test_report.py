@@ -135,3 +135,15 @@ def test_watch_writes_the_report_when_it_closes(tmp_path: Path) -> None:
     with gw.watch(model, opt, out=tmp_path / "run", quiet=True, report=True) as w:
         train(model, opt, 10, on_step=lambda loss: w.log(loss=loss))
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
+
+
+def test_compare_puts_runs_side_by_side(tmp_path: Path) -> None:
+    a, b = vanishing(tmp_path / "a"), healthy(tmp_path / "b")
+    page = tmp_path / "cmp.html"
+    result = subprocess.run([sys.executable, "-m", "gradwatch", "compare", str(a), str(b), "--out", str(page)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "vanishing_gradients (warning)" in result.stdout or "vanishing_gradients (error)" in result.stdout
+    assert "none" in result.stdout and "a/run" in result.stdout and "b/run" in result.stdout
+    html_text = page.read_text()
+    assert html_text.count("data:image/png;base64,") == 2 and "<script" not in html_text

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", metavar="DIR", help="a run directory written by gradwatch")
     rep.add_argument("--out", metavar="FILE", help="where to write it (default DIR/report.html)")
 
+    cmp_ = sub.add_parser("compare", help="compare runs: a table here and their heatmaps side by side in one HTML page")
+    cmp_.add_argument("run_dirs", metavar="DIR", nargs="+", help="run directories written by gradwatch")
+    cmp_.add_argument("--out", metavar="FILE", default="gradwatch-compare.html", help="the page to write (default gradwatch-compare.html)")
+
     demo = sub.add_parser("demo", help="the built-in default run: seed 000's sigmoid MLP on make_moons (vanishing)")
     _add_watch_options(demo)
     demo.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20; the seed uses 100)")
@@ -121,6 +125,15 @@ def _cmd_report(ns: argparse.Namespace) -> int:
 
     path = write_report(ns.run_dir, ns.out)
     print(f"gradwatch: report written to {path} ({path.stat().st_size / 1e6:.2f} MB)", file=sys.stderr)
+    return 0
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from .report.compare import table, write_compare
+
+    path, rows = write_compare(ns.run_dirs, ns.out)
+    Console(highlight=False).print(table(rows))
+    print(f"gradwatch: comparison written to {path}", file=sys.stderr)
     return 0
 
 
@@ -169,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_diagnose(ns)
         if ns.command == "report":
             return _cmd_report(ns)
+        if ns.command == "compare":
+            return _cmd_compare(ns)
     except GradwatchError as e:
         print(f"gradwatch: error: {e}", file=sys.stderr)  # one line, never wrapped
         return 2
