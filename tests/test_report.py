@@ -140,8 +140,9 @@ def test_watch_writes_the_report_when_it_closes(tmp_path: Path) -> None:
 def test_compare_puts_runs_side_by_side(tmp_path: Path) -> None:
     a, b = vanishing(tmp_path / "a"), healthy(tmp_path / "b")
     page = tmp_path / "cmp.html"
+    env = {**__import__("os").environ, "COLUMNS": "200"}  # one table row per line
     result = subprocess.run([sys.executable, "-m", "gradwatch", "compare", str(a), str(b), "--out", str(page)],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert "vanishing_gradients (warning)" in result.stdout or "vanishing_gradients (error)" in result.stdout
     assert "none" in result.stdout and "a/run" in result.stdout and "b/run" in result.stdout
