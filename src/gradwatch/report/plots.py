@@ -103,7 +103,8 @@ def _layer_lines(ax: Any, run: Run, metric: str, ids: list[int], log: bool = Fal
         if log:
             mask &= y > 0
         if mask.any():
-            ax.plot(run.steps[mask], y[mask], label=run.layers[i].name, linewidth=1)
+            few = int(mask.sum()) < 30  # sampled metrics on short runs: show the points themselves
+            ax.plot(run.steps[mask], y[mask], label=run.layers[i].name, linewidth=1, marker="." if few else None)
     if log:
         ax.set_yscale("log")
     if ids:
@@ -122,6 +123,9 @@ def gradient_plots(run: Run) -> Any:
     loss = run.step_series("loss")
     mask = np.isfinite(loss)
     axes[2].plot(run.steps[mask], loss[mask], color="black", linewidth=1)
+    finite = loss[mask]
+    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 1e3:
+        axes[2].set_yscale("log")  # a loss that spans decades (an explosion) is read on a log axis
     axes[2].set_title("loss")
     axes[2].set_xlabel("optimizer step")
     fig.tight_layout()
