@@ -142,6 +142,7 @@ class Watch:
         self._staged_loss: torch.Tensor | None = None
         self.diagnose_online = diagnose_online
         self.report = REPORT_BY_DEFAULT if report is None else report
+        self._print_summary = not _lazy  # the CLI prints a fuller one for `gradwatch run`
         self.tensorboard = Path(tensorboard) if tensorboard is not None else None
         self._windows = 0
         self._announced: set[str] = set()
@@ -365,6 +366,8 @@ class Watch:
             steps = max((a.probe.step for a in self._attached.values()), default=0)
             n_layers = len(self._writer.layers)
             print(f"gradwatch: recorded {steps} steps x {n_layers} layers -> {self.out}", file=sys.stderr)
+            if self._print_summary:
+                self._summarise()
 
     def _final_diagnosis(self) -> None:
         from .diagnose import diagnose, write_findings
@@ -375,6 +378,16 @@ class Watch:
         except Exception as e:  # the record is safe; say why the diagnosis is missing
             print(f"gradwatch: could not diagnose {self.out} ({type(e).__name__}: {e}); "
                   f"run `gradwatch diagnose {self.out}` to retry.", file=sys.stderr)
+
+    def _summarise(self) -> None:
+        """The end-of-run terminal summary: sparklines of loss and norm, then each finding."""
+        try:
+            from .report.terminal import print_findings, print_summary
+
+            print_summary(load_run(self.out), layers=False)
+            print_findings(self._findings or [])
+        except Exception as e:  # a summary is a convenience; the run is stored
+            print(f"gradwatch: no summary ({type(e).__name__}: {e})", file=sys.stderr)
 
     def _write_tensorboard(self) -> None:
         try:

@@ -124,8 +124,8 @@ def _rel(x: float) -> Text:
     return Text(_fmt(x), style="bold red" if math.isfinite(x) and x < 1e-2 else "")
 
 
-def summary(run: Run) -> Group:
-    """A rich renderable: header, step series, per-layer gradient-flow table."""
+def summary(run: Run, layers: bool = True) -> Group:
+    """A rich renderable: header, step series (sparklines), and the per-layer gradient-flow table."""
     steps = run.steps
     loss = run.step_series("loss")
     gnorm = run.step_series("grad_norm")
@@ -146,12 +146,11 @@ def summary(run: Run) -> Group:
     if len(bad_steps):
         head.add_row("non-finite", Text(f"gradients non-finite at {len(bad_steps)} steps, first at step {steps[bad_steps[0]]}", style="bold red"))
 
-    table = layer_table(run)
-    return Group(head, table)
+    return Group(head, layer_table(run)) if layers else Group(head)
 
 
-def print_summary(run: Run, console: Console | None = None) -> None:
-    (console or Console(file=sys.stderr)).print(summary(run))
+def print_summary(run: Run, console: Console | None = None, layers: bool = True) -> None:
+    (console or Console(file=sys.stderr)).print(summary(run, layers=layers))
 
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
