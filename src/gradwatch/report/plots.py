@@ -26,7 +26,7 @@ def _plt() -> Any:
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError:
-        raise GradwatchError("plots need matplotlib; install it with `pip install gradwatch[plots]`.") from None
+        raise GradwatchError("plots need matplotlib, which gradwatch depends on; reinstall it with `pip install matplotlib`.") from None
     return plt
 
 
