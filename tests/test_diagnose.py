@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.diagnose import rules
 from gradwatch.store import LAYER_METRICS, STEP_METRICS, LayerInfo
 from models import mlp, train
 

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gradwatch as gw
 from gradwatch.probe.torch import SATURATION_THRESHOLD, ProbeConfig, TorchProbe, build_layer_table
 from gradwatch.store import HIST_EXP_MAX, HIST_EXP_MIN
-from models import ARCHITECTURES, OddParams, SmallTransformer, data_for, make, mlp, train
+from models import ARCHITECTURES, OddParams, SmallTransformer, make, mlp, train
 
 aten = torch.ops.aten
 

@@ -62,12 +62,11 @@ def framework_info() -> dict[str, Any]:
 
 
 class _Attached:
-    """One optimizer under watch: its probe, its stream in the store, its hook handles."""
+    """One optimizer under watch: its probe and its hook handles (the probe writes to its stream)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, probe: TorchProbe, stream: StreamWriter):
+    def __init__(self, optimizer: torch.optim.Optimizer, probe: TorchProbe):
         self.optimizer = optimizer
         self.probe = probe
-        self.stream = stream
         self.handles: list[Any] = []
         self.failed = False
 
@@ -217,7 +216,7 @@ class Watch:
             label=label,
         )
         probe = TorchProbe(params, layers, self.config, lambda chunk: self._on_window(stream, chunk), model=model)
-        att = _Attached(optimizer, probe, stream)
+        att = _Attached(optimizer, probe)
         if hooks:
             att.handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self.on_before_optimizer_step(opt)))
             att.handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self.on_after_optimizer_step(opt)))

@@ -89,7 +89,7 @@ def _first(mask: np.ndarray) -> int | None:
     return int(idx[0]) if idx.size else None
 
 
-def _weight_layers(run: RunLike) -> list[int]:
+def weight_layers(run: RunLike) -> list[int]:
     """Weight matrices and kernels (``*.weight``, ``weight_ih_l0``...): what carries the gradient
     flow. Embedding tables and free parameters (positional tables, scales) are left out."""
     return [
@@ -111,7 +111,7 @@ def _output_layers(run: RunLike) -> set[str]:
 def _streams(run: RunLike) -> list[list[int]]:
     """Weight-layer indices per optimizer stream, in model order."""
     by: dict[int, list[int]] = {}
-    for i in _weight_layers(run):
+    for i in weight_layers(run):
         by.setdefault(run.layers[i].stream, []).append(i)
     return [ids for _, ids in sorted(by.items())]
 
@@ -213,7 +213,7 @@ def exploding(run: RunLike) -> Finding | None:
     if math.isfinite(base) and base > 0:
         row = _first(np.isfinite(gnorm[:horizon]) & (gnorm[:horizon] > EXPLODE_FACTOR * base))
     # Weight matrices only: a zero-initialised bias has |w| = 0 and an infinite ratio on step 0.
-    upd = run.layer_series("update_ratio")[:horizon][:, _weight_layers(run)]
+    upd = run.layer_series("update_ratio")[:horizon][:, weight_layers(run)]
     with np.errstate(invalid="ignore"):
         big_update = np.isfinite(upd) & (np.nan_to_num(upd, nan=0.0) > UPDATE_RATIO_EXPLODE)
     upd_row = _first(big_update.any(axis=1)) if big_update.size else None

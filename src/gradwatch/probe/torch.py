@@ -262,8 +262,7 @@ class _ActivationTap:
     (gradient accumulation) are combined.
     """
 
-    def __init__(self, model: nn.Module, layer_of: dict[int, int], activations: dict[int, str | None], device: torch.device):
-        self.device = device
+    def __init__(self, model: nn.Module, layer_of: dict[int, int], activations: dict[int, str | None]):
         self.targets: list[tuple[nn.Module, int, float | None]] = []
         for module in model.modules():
             w = getattr(module, "weight", None)
@@ -388,7 +387,7 @@ class TorchProbe:
         if model is not None:
             layer_of = {id(p): i for i, p in enumerate(self._params)}
             acts = {i: l.activation for i, l in enumerate(self.layers)}
-            self._tap = _ActivationTap(model, layer_of, acts, self.device)
+            self._tap = _ActivationTap(model, layer_of, acts)
             if config.is_sampled(0):
                 self._tap.attach()  # the next forward belongs to step 0
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..diagnose.rules import weight_layers
 from ..errors import GradwatchError
 from ..store import Run
 
@@ -37,9 +38,9 @@ def _nanmedian(x: np.ndarray, axis: int) -> np.ndarray:
 
 
 def weight_layer_ids(run: Run) -> list[int]:
-    """Weight matrices and kernels in model order (what the seeds plot per layer)."""
-    ids = [i for i, l in enumerate(run.layers) if len(l.shape) >= 2 and "weight" in l.name.rsplit(".", 1)[-1]]
-    return ids or list(range(len(run.layers)))
+    """Weight matrices and kernels in model order (what the seeds plot per layer): the layers the
+    diagnosis reads the gradient flow from, or every layer if there are none."""
+    return weight_layers(run) or list(range(len(run.layers)))
 
 
 def pick_lines(ids: list[int], k: int = MAX_LINES) -> list[int]:

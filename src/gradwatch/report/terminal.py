@@ -14,6 +14,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from ..diagnose.rules import weight_layers
 from ..store import Run
 
 _SPARK = "▁▂▃▄▅▆▇█"
@@ -66,7 +67,7 @@ def _window_median(series: np.ndarray, first: bool, frac: float = 0.1) -> np.nda
 def flow_profile(run: Run, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Median grad RMS per layer over the first and last ``frac`` of steps, and each layer's reference.
 
-    A layer's reference is the last weight-like (at least 2-D) layer of its optimizer with a finite
+    A layer's reference is the last weight matrix of its optimizer (as the diagnosis picks them) with a finite
     value: a profile ``rms / rms[ref]`` far below 1 at the input side is what vanishing looks like.
     """
     n = len(run.layers)
@@ -76,9 +77,10 @@ def flow_profile(run: Run, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray, n
         return nan, nan, np.full(n, n - 1)
     early, late = _window_median(rms, True, frac), _window_median(rms, False, frac)
     ref = np.zeros(n, dtype=int)
+    flow_layers = set(weight_layers(run))  # the same layers the diagnosis profiles
     for stream in sorted({l.stream for l in run.layers}):
         members = [i for i, l in enumerate(run.layers) if l.stream == stream]
-        weights = [i for i in members if len(run.layers[i].shape) >= 2 and np.isfinite(late[i])]
+        weights = [i for i in members if i in flow_layers and np.isfinite(late[i])]
         ref[members] = weights[-1] if weights else members[-1]
     return early, late, ref
 
