@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.store import STEP_METRICS, hist_edges
+from gradwatch.store import GUARD_METRICS, STEP_METRICS, hist_edges
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
@@ -60,7 +60,8 @@ def test_tags_exist(run, events):
     assert f"{HIST_TAG}/{first}" in tags["histograms"]
     # every step series that is about training (not bookkeeping) is exported; nothing else is
     exported = {t for t in tags["scalars"] if "/" not in t}
-    assert exported == set(STEP_METRICS) - {"time", "sampled", "loss_logged"}
+    # (what guards did is exported only for runs that had guards; this one has none)
+    assert exported == set(STEP_METRICS) - {"time", "sampled", "loss_logged"} - set(GUARD_METRICS)
 
 
 def test_every_step_scalars_match_the_stored_series(run, events):
@@ -155,3 +156,23 @@ def test_watch_option_writes_event_files_at_close(tmp_path) -> None:
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     assert len(acc.Scalars("loss")) == 5
+
+
+def test_guard_records_are_exported(tmp_path):
+    from gradwatch.guards import ClipNorm, SkipNonFinite
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 4), torch.randn(16, 1) * 100
+    with gw.watch(model, opt, out=tmp_path / "g", quiet=True, report=False, guards=[ClipNorm(0.5), SkipNonFinite()]) as w:
+        for _ in range(6):
+            loss = ((model(x) - y) ** 2).mean()
+            opt.zero_grad(); loss.backward(); opt.step(); w.log(loss)
+    logdir = export_tensorboard(tmp_path / "g", tmp_path / "tb")
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    for tag in GUARD_METRICS:
+        assert tag in acc.Tags()["scalars"], tag
+    post = [e.value for e in acc.Scalars("grad_norm_clipped")]
+    assert len(post) == 6 and max(post) == pytest.approx(0.5, rel=1e-5)

@@ -13,6 +13,7 @@ from .errors import GradwatchError, RunDirError
 from .store import LAYER_METRICS, STEP_METRICS, LayerInfo, Run, load_run
 from .diagnose import Finding, Remedy, diagnose
 from .watch import Watch, watch
+from . import guards
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "STEP_METRICS",
     "Watch",
     "diagnose",
+    "guards",
     "load_run",
     "watch",
 ]

@@ -45,8 +45,60 @@ def _add_watch_options(p: argparse.ArgumentParser) -> None:
                    help="steps between full statistics; the gradient norm is recorded every step (default 50)")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _add_guard_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guards (fixes applied between backward and the optimizer step; see docs/guards.md)")
+    g.add_argument("--clip-norm", type=_positive_float, metavar="MAX", help="clip the global gradient norm to MAX (clip_grad_norm_)")
+    g.add_argument("--clip-norm-per-layer", type=_positive_float, metavar="MAX",
+                   help="clip each gradient tensor's norm to MAX (Keras clipnorm)")
+    g.add_argument("--clip-value", type=_positive_float, metavar="V", help="clamp every gradient element to [-V, V]")
+    g.add_argument("--agc", type=_positive_float, nargs="?", const=0.01, metavar="CLIP",
+                   help="adaptive unit-wise clipping, |g|/|w| <= CLIP (default 0.01)")
+    g.add_argument("--zclip", action="store_true", help="clip gradient-norm spikes by their z-score (ZClip)")
+    g.add_argument("--autoclip", type=float, nargs="?", const=10.0, metavar="P",
+                   help="clip to the P-th percentile of the norms so far (AutoClip; default 10)")
+    g.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip steps with NaN/Inf gradients, leaving weights and optimizer state untouched")
+    g.add_argument("--rollback", action="store_true",
+                   help="snapshot every 100 steps; on a blow-up restore the last good one and halve the lr")
+
+
+def _guards(ns: argparse.Namespace) -> list:
+    from . import guards as G
+
+    out: list = []
+    if getattr(ns, "clip_value", None):
+        out.append(G.ClipValue(ns.clip_value))
+    if getattr(ns, "clip_norm_per_layer", None):
+        out.append(G.ClipNormPerLayer(ns.clip_norm_per_layer))
+    if getattr(ns, "agc", None):
+        out.append(G.AGC(ns.agc))
+    if getattr(ns, "zclip", False):
+        out.append(G.ZClip())
+    if getattr(ns, "autoclip", None) is not None:
+        out.append(G.AutoClip(ns.autoclip))
+    if getattr(ns, "clip_norm", None):
+        out.append(G.ClipNorm(ns.clip_norm))
+    if getattr(ns, "skip_nonfinite", False):
+        out.append(G.SkipNonFinite())
+    if getattr(ns, "rollback", False):
+        out.append(G.Rollback())
+    return out
+
+
 def _watch_options(ns: argparse.Namespace) -> dict:
+    guards = _guards(ns)
     return {
+        **({"guards": guards} if guards else {}),
         "flush_every": ns.flush_every,
         "sample_every": ns.sample_every,
         "overwrite": ns.overwrite,
@@ -65,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a training script with monitoring attached to every optimizer it creates")
     _add_watch_options(run)
+    _add_guard_options(run)
     run.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name, as in python -m")
     run.add_argument("target", metavar="SCRIPT", help="the training script (or module with -m)")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments passed to the script")

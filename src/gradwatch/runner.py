@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import GradwatchError
+from .guards.base import GuardStop
 from .watch import Watch, default_out
 
 
@@ -197,6 +198,9 @@ def run_script(
             except SystemExit as e:
                 code = _exit_code(e)
                 status = "finished" if code == 0 else "exited"
+            except GuardStop as e:  # a guard stopped training on purpose: its sentence, not a traceback
+                print(f"gradwatch: a guard stopped the run: {e}", file=sys.stderr)
+                code, status = 1, "stopped"
             except KeyboardInterrupt as e:
                 _print_script_traceback(e, target)
                 code, status = 130, "interrupted"

@@ -35,7 +35,21 @@ META_FILE = "meta.json"
 FINDINGS_FILE = "findings.json"
 
 #: Per-step series (one value per optimizer step).
-STEP_METRICS: tuple[str, ...] = ("loss", "grad_norm", "lr", "time", "sampled", "loss_logged")
+STEP_METRICS: tuple[str, ...] = (
+    "loss", "grad_norm", "lr", "time", "sampled", "loss_logged",
+    # What guards did (gradwatch.guards); NaN (0 for the flags) in a run without guards:
+    "grad_norm_clipped",  # global norm after every guard acted (grad_norm is the one before)
+    "clip_coef",          # grad_norm_clipped / grad_norm
+    "clip_threshold",     # the norm threshold in force (ClipNorm's max_norm, ZClip's and AutoClip's)
+    "skipped",            # 1 where a guard made the optimizer step a no-op
+    "rolled_back",        # 1 where Rollback restored a snapshot before this step
+)
+#: Step metrics that only guards write.
+GUARD_METRICS = ("grad_norm_clipped", "clip_coef", "clip_threshold", "skipped", "rolled_back")
+#: Step metrics that are flags: several streams combine them with "any".
+_FLAG_METRICS = ("skipped", "rolled_back")
+#: Step metrics that are global norms: several streams combine them as the norm over all layers.
+_NORM_METRICS = ("grad_norm", "grad_norm_clipped")
 
 #: Per-layer series (one value per layer per step; NaN where not computed at that step).
 LAYER_METRICS: tuple[str, ...] = (
@@ -425,13 +439,22 @@ class Run:
     def step_series(self, name: str) -> np.ndarray:
         """One value per entry of ``steps`` (float32).
 
-        With several streams: ``grad_norm`` is the global norm over all of their layers, ``loss`` the
-        first logged value at that step, the rest stream 0's where it stepped.
+        With several streams: ``grad_norm`` (and ``grad_norm_clipped``) is the global norm over all of
+        their layers, ``skipped`` and ``rolled_back`` are 1 where any stream's are, ``clip_coef`` is
+        the ratio of the two merged norms, ``loss`` the first logged value at that step, the rest
+        stream 0's where it stepped.
         """
         if name not in STEP_METRICS:
             raise KeyError(f"unknown step metric {name!r}; known step metrics: {', '.join(STEP_METRICS)}")
         out = np.full(len(self.steps), np.nan, np.float64)
-        if name == "grad_norm":
+        if name == "clip_coef" and len(self._streams) > 1:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return (self.step_series("grad_norm_clipped") / self.step_series("grad_norm")).astype(np.float32)
+        if name in _FLAG_METRICS:
+            for s in self._streams:
+                rows = self._rows(s)
+                out[rows] = np.fmax(out[rows], s.step_values[name])
+        elif name in _NORM_METRICS:
             sq = np.full(len(self.steps), np.nan, np.float64)
             for s in self._streams:
                 rows = self._rows(s)

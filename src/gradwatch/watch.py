@@ -12,6 +12,7 @@ same paths run). A SIGKILL loses at most the steps since the last flush.
 from __future__ import annotations
 
 import atexit
+import copy
 import os
 import platform
 import sys
@@ -27,6 +28,7 @@ from torch import nn
 
 from . import shutdown
 from .errors import GradwatchError
+from .guards.base import Guard, GuardChain, GuardSetup, GuardStep, GuardStop, as_guard_list, say_to_stderr
 from .probe.torch import ProbeConfig, TorchProbe, build_layer_table
 from .store import Chunk, LayerInfo, RunWriter, StreamWriter, load_run
 
@@ -64,9 +66,12 @@ def framework_info() -> dict[str, Any]:
 class _Attached:
     """One optimizer under watch: its probe and its hook handles (the probe writes to its stream)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, probe: TorchProbe):
+    def __init__(self, optimizer: torch.optim.Optimizer, stream: StreamWriter):
         self.optimizer = optimizer
-        self.probe = probe
+        self.stream = stream
+        self.probe: TorchProbe = None  # type: ignore[assignment]  # set right after
+        self.guards: GuardChain | None = None
+        self.guard_step: GuardStep | None = None
         self.handles: list[Any] = []
         self.failed = False
 
@@ -99,6 +104,9 @@ class Watch:
             ``GRADWATCH_REPORT=0``).
         tensorboard: also write TensorBoard event files of the run into this directory at the end
             (needs the ``tensorboard`` extra).
+        guards: fixes applied at every step between backward and the optimizer step, in order
+            (:mod:`gradwatch.guards`: ``ClipNorm(1.0)``, ``SkipNonFinite()``, ``ZClip()``, ...).
+            Each optimizer gets its own copy after the first.
 
     Use it as a context manager (hooks attach on enter and detach on exit), or call
     :meth:`attach` and :meth:`close` yourself.
@@ -117,6 +125,7 @@ class Watch:
         diagnose_online: bool = True,
         report: bool | None = None,
         tensorboard: str | os.PathLike[str] | None = None,
+        guards: Sequence[Guard] | Guard | None = None,
         _lazy: bool = False,
     ):
         if model is not None and not isinstance(model, nn.Module):
@@ -130,6 +139,7 @@ class Watch:
         if model is not None and not _lazy and not any(True for _ in model.parameters()):
             raise GradwatchError(f"the model ({type(model).__name__}) has no parameters; there is nothing to watch.")
         self.config = ProbeConfig(flush_every=flush_every, sample_every=sample_every)
+        self._guards = as_guard_list(guards)
         self.model = model
         self.out = Path(out) if out is not None else default_out()
         self.quiet = quiet
@@ -215,8 +225,17 @@ class Watch:
             },
             label=label,
         )
-        probe = TorchProbe(params, layers, self.config, lambda chunk: self._on_window(stream, chunk), model=model)
-        att = _Attached(optimizer, probe)
+        if self._guards:
+            stream_info = writer.streams[stream.index]
+            stream_info["guards"] = [g.describe() for g in self._guards]
+            writer.update_meta()
+        att = _Attached(optimizer, stream)
+        att.probe = TorchProbe(params, layers, self.config, lambda chunk: self._on_window(att, chunk), model=model)
+        if self._guards:
+            # The first optimizer uses the guard objects given (so their counters can be read back).
+            guards = self._guards if not self._attached else [copy.deepcopy(g) for g in self._guards]
+            setup = GuardSetup(optimizer, model, layers, params, att.probe.device, say_to_stderr(self.quiet))
+            att.guards = GuardChain(guards, setup)
         if hooks:
             att.handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self.on_before_optimizer_step(opt)))
             att.handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self.on_after_optimizer_step(opt)))
@@ -236,6 +255,14 @@ class Watch:
                     att.probe.stage_loss(self._staged_loss)
                     self._staged_loss = None
                 att.probe.on_before_optimizer_step(_current_lr(optimizer))
+                if att.guards is not None:
+                    step = att.guards.before_step(att.probe.step - 1, att.probe.step_inputs)
+                    att.guard_step = step
+                    if step is not None:
+                        after, coef, threshold, skipped = att.guards.record(step)
+                        att.probe.record_guards(after, coef, threshold, skipped, step.rolled_back)
+            except GuardStop:
+                raise  # a guard gave up on purpose: the training loop must stop, with its message
             except Exception as e:
                 self._fail(att, e)
 
@@ -245,6 +272,9 @@ class Watch:
             return
         with shutdown.critical:
             try:
+                if att.guards is not None:
+                    step, att.guard_step = att.guard_step, None
+                    att.guards.after_step(step)  # first: the update size is of the step as it stands
                 att.probe.on_after_optimizer_step()
             except Exception as e:
                 self._fail(att, e)
@@ -257,8 +287,9 @@ class Watch:
             att.probe.flush()
         except Exception:
             pass
+        guards = " and its guards are off" if att.guards is not None else ""
         print(
-            f"gradwatch: stopped recording {type(att.optimizer).__name__} at step {att.probe.step} "
+            f"gradwatch: stopped recording {type(att.optimizer).__name__} at step {att.probe.step}{guards} "
             f"after an internal error ({type(error).__name__}: {error}); training continues. "
             "Please report this with the traceback below.",
             file=sys.stderr,
@@ -267,9 +298,12 @@ class Watch:
 
     # -- online diagnosis ---------------------------------------------------------------------------
 
-    def _on_window(self, stream: StreamWriter, chunk: Chunk) -> None:
-        """A flushed window: store it, then (on a thinning schedule) diagnose what is stored so far."""
-        stream.append(chunk)
+    def _on_window(self, att: _Attached, chunk: Chunk) -> None:
+        """A flushed window: store it, let the guards decide what waits for the host, then (on a
+        thinning schedule) diagnose what is stored so far."""
+        att.stream.append(chunk)
+        if att.guards is not None:
+            att.guards.on_window(chunk)
         self._windows += 1
         w = self._windows
         # Every window at first, then at powers of two: online diagnosis stays O(n log n) overall.
@@ -352,6 +386,7 @@ class Watch:
             try:
                 self.flush()
             finally:
+                self._record_guards()
                 self._writer.finish(status)
                 self._status = status
                 _live.discard(self)
@@ -367,6 +402,24 @@ class Watch:
             print(f"gradwatch: recorded {steps} steps x {n_layers} layers -> {self.out}", file=sys.stderr)
             if self._print_summary:
                 self._summarise()
+
+    def _record_guards(self) -> None:
+        """What each stream's guards did, into meta.json (and on stderr unless quiet)."""
+        for att in self._attached.values():
+            if att.guards is None:
+                continue
+            try:
+                lines = att.guards.summaries()
+                info = self._writer.streams[att.stream.index]  # type: ignore[union-attr]
+                info["guard_summary"] = lines
+                events = [e for g in att.guards.guards for e in getattr(g, "events", [])]
+                if events:
+                    info["rollbacks"] = events
+            except Exception as e:  # a summary must not cost the record
+                lines = [f"could not summarise the guards ({type(e).__name__}: {e})"]
+            if not self.quiet:
+                for line in lines:
+                    print(f"gradwatch: {line}", file=sys.stderr)
 
     def _final_diagnosis(self) -> None:
         from .diagnose import diagnose, write_findings
@@ -491,6 +544,8 @@ def _status_for(exc: BaseException | None) -> str:
         return "finished"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
+    if isinstance(exc, GuardStop):
+        return "stopped"
     if isinstance(exc, SystemExit):
         return "finished" if exc.code in (0, None) else "interrupted"
     return "crashed"

@@ -171,8 +171,9 @@ class ProbeConfig:
 
 # Raw slots of a ring row: two step slots, then blocks of one value per layer.
 _BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w_cnorm", "dw_norm", "a_dead", "a_sat")
-_LOSS, _LR = 0, 1
-_STEP_SLOTS = 2
+# Step slots: the loss and lr, then what guards did (written by record_guards).
+_LOSS, _LR, _NORM_AFTER, _COEF, _THRESHOLD, _SKIPPED = range(6)
+_STEP_SLOTS = 6
 _EXP_BINS = 256  # every value of a float32's 8-bit exponent field
 _CHUNK = 1 << 22  # elements per scratch pass: bounds a group's scratch at 48 MiB
 
@@ -374,7 +375,10 @@ class TorchProbe:
         self._sampled = np.zeros(cap, np.float64)
         self._loss_logged = np.zeros(cap, np.float64)
         self._present = np.zeros((cap, n), bool)
+        self._rolled = np.zeros(cap, np.float64)
         self._hist_steps: list[int] = []
+        #: This step's gradients and their norms, for guards: (layer ids, params, grads, norms).
+        self.step_inputs: tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None] = ([], [], [], None)
 
         self._rows = 0  # rows of the ring in use
         self.step = 0  # optimizer steps seen
@@ -407,9 +411,10 @@ class TorchProbe:
             return host.pin_memory().to(self.device, non_blocking=True)
         return host.to(self.device)
 
-    def _put(self, row: torch.Tensor, block: str, key: tuple, layer_ids: Sequence[int], values: list[torch.Tensor]) -> None:
+    def _put(self, row: torch.Tensor, block: str, key: tuple, layer_ids: Sequence[int], values: list[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack(values).to(device=self.device, dtype=torch.float32)
         row.index_copy_(0, self._slot_index((block, *key), block, layer_ids), stacked)
+        return stacked
 
     # -- hook points ------------------------------------------------------------------------------
 
@@ -426,6 +431,7 @@ class TorchProbe:
         self._time[row] = time.perf_counter() - self._t0
         self._lr[row] = lr if isinstance(lr, (int, float)) else math.nan
         self._present[row] = False
+        self._rolled[row] = 0
         ring_row = self._ring[row]  # all NaN: filled at creation and after each flush
         if isinstance(lr, torch.Tensor):
             self._lr_tensor = True
@@ -435,23 +441,34 @@ class TorchProbe:
             self._pending_loss = None
         hrow = len(self._hist_steps)
         snapshot: list[list[torch.Tensor]] = []
+        all_ids: list[int] = []
+        all_params: list[torch.Tensor] = []
+        all_grads: list[torch.Tensor] = []
+        all_norms: list[torch.Tensor] = []
         for gi, group in enumerate(self._groups):
-            ids, grads = [], []
+            ids, grads, params = [], [], []
             for i, p in zip(group.layer_ids, group.params):
                 g = p.grad
                 if g is not None and not g.is_sparse:
                     ids.append(i)
                     grads.append(g)
+                    params.append(p)
             self._present[row, ids] = True
             key = (gi, tuple(ids))
             if grads:
-                self._put(ring_row, "g_norm", key, ids, torch._foreach_norm(grads, 2, dtype=torch.float32))
+                norms = self._put(ring_row, "g_norm", key, ids, torch._foreach_norm(grads, 2, dtype=torch.float32))
+                all_ids += ids
+                all_params += params
+                all_grads += grads
+                all_norms.append(norms)
                 if sampled:
                     self._grad_details(ring_row, hrow, key, ids, grads)
             if sampled:
                 self._weight_details(ring_row, gi, group)
                 snapshot.append(group.take_snapshot())
         self._snapshot = snapshot if sampled else None
+        norms_all = None if not all_norms else all_norms[0] if len(all_norms) == 1 else torch.cat(all_norms)
+        self.step_inputs = (all_ids, all_params, all_grads, norms_all)
         if self._tap is not None and self._tap.attached:
             dead_ids, dead, sat_ids, sat = self._tap.detach()
             if dead:
@@ -503,6 +520,23 @@ class TorchProbe:
             torch._foreach_sub_(before, group.weights)
             self._put(ring_row, "dw_norm", ("dw", gi), group.layer_ids, torch._foreach_norm(before, 2, dtype=torch.float32))
         self._snapshot = None
+
+    @torch.no_grad()
+    def record_guards(
+        self,
+        norm_after: torch.Tensor,
+        coef: torch.Tensor,
+        threshold: torch.Tensor | None,
+        skipped: torch.Tensor | bool,
+        rolled_back: bool,
+    ) -> None:
+        """What the guards did at the step just committed (0-d device tensors; no host read)."""
+        nan = torch.full((), math.nan, dtype=torch.float32, device=self.device)
+        skip = skipped if isinstance(skipped, torch.Tensor) else torch.full((), 1.0 if skipped else 0.0, device=self.device)
+        values = [norm_after, coef, nan if threshold is None else threshold, skip]
+        row = self._ring[self._rows - 1]
+        row[_NORM_AFTER : _SKIPPED + 1].copy_(torch.stack([v.to(device=self.device, dtype=torch.float32) for v in values]))
+        self._rolled[self._rows - 1] = 1.0 if rolled_back else 0.0
 
     def remove_hooks(self) -> None:
         """Take the activation hooks off the model (the watch is closing)."""
@@ -596,6 +630,11 @@ class TorchProbe:
             "time": self._time[:n].copy(),
             "sampled": self._sampled[:n].copy(),  # 1 where the sampled statistics were computed
             "loss_logged": self._loss_logged[:n].copy(),  # 1 where a loss was given for the step
+            "grad_norm_clipped": ring[:, _NORM_AFTER],
+            "clip_coef": ring[:, _COEF],
+            "clip_threshold": ring[:, _THRESHOLD],
+            "skipped": np.nan_to_num(ring[:, _SKIPPED], nan=0.0),  # no guard: nothing skipped
+            "rolled_back": self._rolled[:n].copy(),
         }
         assert set(steps) == set(STEP_METRICS) and set(layer) == set(LAYER_METRICS)
         return Chunk(

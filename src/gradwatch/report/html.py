@@ -1,9 +1,10 @@
 """A self-contained HTML report of a stored run: one file, images and data embedded, no network.
 
-Top to bottom: the findings (each with evidence and remedies, linked to the plot that shows it), the
-layer x step gradient-flow heatmap, the seeds' gradient and weight plots, the global norm, the
-update ratios and activation fractions, then the run's metadata. Every piece of user text (layer
-names, options, evidence) is escaped: it appears as text, never as markup.
+Top to bottom: the findings (each with evidence and remedies, linked to the plot that shows it),
+what the guards did (if the run had any), the layer x step gradient-flow heatmap, the seeds'
+gradient and weight plots, the global norm, the update ratios and activation fractions, then the
+run's metadata. Every piece of user text (layer names, options, evidence) is escaped: it appears
+as text, never as markup.
 """
 
 from __future__ import annotations
@@ -80,6 +81,39 @@ def _findings_html(findings: list) -> str:  # type: ignore[type-arg]
     return "".join(parts)
 
 
+_ROLLBACK_COLUMNS = (("trigger_step", "blew up at step"), ("reason", "reason"), ("restored_step", "restored snapshot of step"),
+                     ("at_step", "rolled back at step"), ("lr_factor", "lr factor"), ("skipped_batches", "batches skipped"))
+
+
+def _guard_name(g: dict) -> str:  # type: ignore[type-arg]
+    """``{"name": "ClipNorm", "max_norm": 1.0}`` as ``ClipNorm(max_norm=1.0)``, escaped."""
+    args = ", ".join(f"{k}={v}" for k, v in g.items() if k != "name")
+    return f"<code>{_e(g.get('name', '?'))}({_e(args)})</code>"
+
+
+def _guards_html(run: Run) -> str:
+    """What each stream's guards were and did: their summary lines and the rollbacks ("" without guards)."""
+    streams = [s for s in run.streams if s.get("guards") or s.get("guard_summary") or s.get("rollbacks")]
+    if not streams:
+        return ""
+    c = plots.guard_counts(run)
+    parts = ["<h2 id='guards'>Guards</h2>",
+             (f"<p>{c['clipped']} of {len(run.steps)} steps clipped, {c['skipped']} skipped, {c['rolled_back']} rolled back "
+              "— <a href='#norm'>see the norm before and after the guards</a></p>")]
+    for s in streams:
+        guards = ", ".join(_guard_name(g) for g in s.get("guards", []) if isinstance(g, dict)) or "?"
+        parts.append(f"<p>{_e(s.get('label', ''))}: {guards}</p>")
+        lines = "".join(f"<li>{_e(line)}</li>" for line in s.get("guard_summary", []))
+        if lines:
+            parts.append(f"<ul>{lines}</ul>")
+        events = [e for e in s.get("rollbacks", []) if isinstance(e, dict)]
+        if events:
+            head = "".join(f"<th>{_e(title)}</th>" for _, title in _ROLLBACK_COLUMNS)
+            rows = "".join("<tr>" + "".join(f"<td>{_e(e.get(k, ''))}</td>" for k, _ in _ROLLBACK_COLUMNS) + "</tr>" for e in events)
+            parts.append(f"<table><tr>{head}</tr>{rows}</table>")
+    return "".join(parts)
+
+
 def _meta_html(run: Run) -> str:
     rows = "".join(
         f"<tr><td>{i}</td><td>{_e(l.name)}</td><td>{_e('x'.join(map(str, l.shape)))}</td><td>{l.numel}</td>"
@@ -112,7 +146,8 @@ def render(run: Run) -> str:
         ("updates", "Update ratio", plots.update_ratio_plot),
         ("activations", "Activations: dead and saturated units", plots.activation_plot),
     ]
-    body = [f"<h1>gradwatch report — {_e(run.path.name)}</h1>", "<h2 id='findings'>Findings</h2>", _findings_html(findings)]
+    body = [f"<h1>gradwatch report — {_e(run.path.name)}</h1>", "<h2 id='findings'>Findings</h2>", _findings_html(findings),
+            _guards_html(run)]
     if len(run.steps) == 0:
         body.append("<p>No optimizer step was recorded, so there is nothing to plot.</p>")
     else:

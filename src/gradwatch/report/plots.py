@@ -147,21 +147,86 @@ def weight_plots(run: Run) -> Any:
     return fig
 
 
+def flagged_steps(run: Run, name: str) -> np.ndarray:
+    """The steps where the flag series ``name`` (``"skipped"``, ``"rolled_back"``) is set."""
+    return run.steps[np.nan_to_num(run.step_series(name), nan=0.0) > 0]
+
+
+def has_guards(run: Run) -> bool:
+    """Whether the run recorded what guards did: a post-guard norm, or a skipped or rolled-back step."""
+    return bool(np.isfinite(run.step_series("grad_norm_clipped")).any()
+                or flagged_steps(run, "skipped").size or flagged_steps(run, "rolled_back").size)
+
+
+def guard_counts(run: Run) -> dict[str, int]:
+    """Steps the guards clipped (``clip_coef`` < 0.999), skipped (no-op optimizer step) and rolled back."""
+    coef = run.step_series("clip_coef")
+    with np.errstate(invalid="ignore"):
+        clipped = int(np.sum(np.isfinite(coef) & (coef < 0.999)))
+    return {"clipped": clipped, "skipped": len(flagged_steps(run, "skipped")),
+            "rolled_back": len(flagged_steps(run, "rolled_back"))}
+
+
+def _guard_lines(ax: Any, run: Run) -> list[str]:
+    """The post-guard norm, the clip threshold (dashed), skipped steps (red x along the top) and
+    rollbacks (vertical lines); returns the title's notes."""
+    skipped = flagged_steps(run, "skipped")
+    after = run.step_series("grad_norm_clipped").astype(np.float64)
+    stepped = np.nan_to_num(run.step_series("skipped"), nan=0.0) == 0  # a skipped step used no gradient
+    mask = np.isfinite(after) & (after > 0) & stepped
+    # NaN where not drawn: the line breaks at skipped steps rather than bridging them.
+    ax.plot(run.steps, np.where(mask, after, np.nan), linewidth=1.8, color="C1", zorder=2.2,
+            label="after guards: the norm the optimizer stepped with")
+    thr = run.step_series("clip_threshold").astype(np.float64)
+    tmask = np.isfinite(thr) & (thr > 0)
+    if tmask.any():  # drawn over the post-guard norm, which often lies on it: orange shows between the dashes
+        ax.plot(run.steps, np.where(tmask, thr, np.nan), linestyle=(0, (4, 3)), linewidth=1, color="black",
+                zorder=2.4, label="clip threshold")
+    notes = []
+    counts = guard_counts(run)
+    if counts["clipped"]:
+        notes.append(f"{counts['clipped']} clipped")
+    if skipped.size:
+        ax.plot(skipped, np.full(skipped.shape, 0.97), "x", color="red", markersize=6, clip_on=False,
+                transform=ax.get_xaxis_transform(), label="skipped step (no update)")
+        notes.append(f"{skipped.size} skipped")
+    rolled = flagged_steps(run, "rolled_back")
+    for i, s in enumerate(rolled[:200]):
+        ax.axvline(s, color="purple", linestyle="-.", linewidth=1.2,
+                   label="rollback (snapshot restored)" if i == 0 else "_rollback")
+    if rolled.size:
+        notes.append(f"{rolled.size} rolled back")
+    return notes
+
+
 def norm_plot(run: Run) -> Any:
-    """The global gradient norm (log) with non-finite steps marked."""
+    """The global gradient norm (log) with non-finite steps marked.
+
+    With guards it shows the norm before them (what backward computed) and after them (what the
+    optimizer used), the clip threshold, skipped steps and rollbacks.
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 3.2))
+    guarded = has_guards(run)
     g = run.step_series("grad_norm").astype(np.float64)
     mask = np.isfinite(g) & (g > 0)
-    ax.plot(run.steps[mask], g[mask], linewidth=1, label="global gradient norm (before any clipping)")
+    if guarded:
+        ax.plot(run.steps, np.where(mask, g, np.nan), linewidth=1, color="C0",
+                label="before guards: the norm backward() computed")
+    else:
+        ax.plot(run.steps[mask], g[mask], linewidth=1, label="global gradient norm (before any clipping)")
+    notes = _guard_lines(ax, run) if guarded else []
     bad = nonfinite_steps(run)
     for s in bad[:200]:
         ax.axvline(s, color="red", alpha=0.3, linewidth=1)
-    if mask.any():
+    if bad.size:
+        notes.insert(0, f"red: {len(bad)} non-finite steps")
+    drawn = ("grad_norm", "grad_norm_clipped", "clip_threshold") if guarded else ("grad_norm",)
+    if any(np.any(np.isfinite(v) & (v > 0)) for v in map(run.step_series, drawn)):
         ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.legend(fontsize=8)
-    ax.set_title("global gradient norm" + (f" — red: {len(bad)} non-finite steps" if bad.size else ""))
+    ax.set_title("global gradient norm" + (" before and after guards" if guarded else "") + (f" — {', '.join(notes)}" if notes else ""))
     fig.tight_layout()
     return fig
 

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import GradwatchError
-from ..store import LAYER_METRICS, STEP_METRICS, Run, load_run
+from ..store import GUARD_METRICS, LAYER_METRICS, STEP_METRICS, Run, load_run
 
 #: Per-layer metrics exported by default: the every-step gradient scale and the sampled update ratio.
 DEFAULT_LAYER_METRICS: tuple[str, ...] = ("grad_norm", "grad_rms", "update_ratio")
@@ -138,7 +138,12 @@ def export_tensorboard(
     steps = run.steps
     walltime = _walltimes(run)
     names = [layer.name for layer in run.layers]
-    step_values = {m: run.step_series(m) for m in STEP_METRICS if m not in _BOOKKEEPING}
+    guarded = any(st.get("guards") for st in run.streams)
+    step_values = {
+        m: run.step_series(m)
+        for m in STEP_METRICS
+        if m not in _BOOKKEEPING and (guarded or m not in GUARD_METRICS)  # no guards: nothing to show
+    }
     layer_values = {m: run.layer_series(m) for m in layer_metrics}
 
     # One event per step carrying all of that step's scalars: the same records TensorBoard reads from

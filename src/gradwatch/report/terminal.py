@@ -16,6 +16,7 @@ from rich.text import Text
 
 from ..diagnose.rules import weight_layers
 from ..store import Run
+from .plots import guard_counts, has_guards
 
 _SPARK = "▁▂▃▄▅▆▇█"
 MAX_ROWS = 24  # deeper models: first and last layers, the middle elided
@@ -126,8 +127,32 @@ def _rel(x: float) -> Text:
     return Text(_fmt(x), style="bold red" if math.isfinite(x) and x < 1e-2 else "")
 
 
+def _after_guards(run: Run) -> np.ndarray:
+    """The norm the optimizer stepped with: NaN at skipped steps (no step), rounded to 3 significant
+    digits so that a norm clipped to a constant draws as a flat sparkline, not as float32 noise."""
+    v = run.step_series("grad_norm_clipped").astype(np.float64)
+    v[np.nan_to_num(run.step_series("skipped"), nan=0.0) > 0] = np.nan
+    with np.errstate(all="ignore"):
+        unit = 10.0 ** (np.floor(np.log10(np.abs(v))) - 2)
+        return np.where(np.isfinite(unit) & (unit > 0), np.round(v / unit) * unit, v)
+
+
+def _guard_counts_text(run: Run) -> Text:
+    """How often the guards acted: steps clipped, skipped and rolled back (the last two in red)."""
+    c = guard_counts(run)
+    text = Text(f"{c['clipped']} of {len(run.steps)} steps clipped (clip_coef < 0.999), ")
+    text.append(f"{c['skipped']} skipped", style="bold red" if c["skipped"] else "")
+    text.append(", ")
+    text.append(f"{c['rolled_back']} rolled back", style="bold red" if c["rolled_back"] else "")
+    return text
+
+
 def summary(run: Run, layers: bool = True) -> Group:
-    """A rich renderable: header, step series (sparklines), and the per-layer gradient-flow table."""
+    """A rich renderable: header, step series (sparklines), and the per-layer gradient-flow table.
+
+    With guards, the header also shows the norm after them and how often they clipped, skipped and
+    rolled back.
+    """
     steps = run.steps
     loss = run.step_series("loss")
     gnorm = run.step_series("grad_norm")
@@ -138,11 +163,17 @@ def summary(run: Run, layers: bool = True) -> Group:
     head.add_row("run", str(run.path))
     head.add_row("status", run.status)
     head.add_row("recorded", f"{len(steps)} steps x {len(run.layers)} layers (optimizers: {opts})")
-    for label, series, log in (("loss", loss, False), ("grad norm", gnorm, True)):
+    guarded = has_guards(run)
+    lines = [("loss", loss, False), ("grad norm" + (" (before guards)" if guarded else ""), gnorm, True)]
+    if guarded:
+        lines.append(("after guards", _after_guards(run), True))
+    for label, series, log in lines:
         if np.isfinite(series).any():
             first = float(_window_median(series[:, None], True)[0])
             last = float(_window_median(series[:, None], False)[0])
             head.add_row(label, f"{_fmt(first)} -> {_fmt(last)} (median of first/last 10%)  {sparkline(series, log=log)}")
+    if guarded:
+        head.add_row("guards", _guard_counts_text(run))
     nonfinite = run.layer_series("grad_nonfinite")
     bad_steps = np.flatnonzero(np.nan_to_num(nonfinite, nan=0.0).max(axis=1) > 0) if nonfinite.size else []
     if len(bad_steps):

@@ -1,0 +1,174 @@
+"""SkipNonFinite: a step whose gradients are not finite leaves parameters and optimizer state as they were."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import GradwatchError
+from .base import Guard, GuardSetup, GuardStep, GuardStop, Window
+
+
+class SkipNonFinite(Guard):
+    """Skip every optimizer step whose gradients hold NaN or ±Inf — or are so large that their
+    float32 global norm overflows (about 1.8e19) — with the parameters **and the optimizer state**
+    left exactly as they were.
+
+    The decision stays on the device (``isfinite`` of the norm the probe already has). It is carried
+    out in one of two ways, neither of which reads the flag on the host:
+
+    * optimizers that take a ``found_inf`` tensor (the fused ones: ``Adam(fused=True)``, ``AdamW``,
+      ``SGD``, ``Adagrad``) get it, as ``GradScaler`` does, and skip inside their kernel — free;
+    * any other optimizer: before the step, the parameters that have a gradient and their state
+      tensors are copied into preallocated buffers; after it, ``torch.where(skip, saved, new)`` puts
+      them back where the step is skipped. Multiplying the gradients by zero would not do: ``0·NaN``
+      is NaN, and Adam's moments would still decay. This costs one copy of those tensors per step.
+
+    Two cases do read the flag once, on the host: a step at which the optimizer creates its state
+    (normally its first: the state's initial values are not known beforehand, so a skipped first
+    step removes the state again), and optimizers that keep non-tensor state (plain Python numbers).
+
+    Args:
+        max_consecutive: after this many skipped steps in a row, stop with :class:`GuardStop`
+            instead of skipping forever (checked when each window of statistics is flushed).
+    """
+
+    def __init__(self, max_consecutive: int = 25):
+        if not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 1:
+            raise GradwatchError(f"SkipNonFinite(max_consecutive) must be a positive integer; got {max_consecutive!r}.")
+        self.max_consecutive = max_consecutive
+
+    def setup(self, ctx: GuardSetup) -> None:
+        self._opt = ctx.optimizer
+        self._say = ctx.say
+        self._fused = bool(getattr(ctx.optimizer, "_step_supports_amp_scaling", False))
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._armed = False
+        self._run = 0  # consecutive skipped steps so far (host, from flushed windows)
+        self._run_start = -1
+        self._skipped: list[int] = []
+        self._warned = False
+
+    # -- before the step --------------------------------------------------------------------------
+
+    def before_step(self, step: GuardStep) -> None:
+        step.request_skip(~torch.isfinite(step.raw_norm))
+        self._armed = True
+        if self._fused:
+            return  # found_inf is handed over in commit(), once every guard has asked
+        state = self._opt.state
+        self._params = list(step.params)
+        self._entries: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+        self._host_values: list[tuple[dict[str, Any], str, Any]] = []
+        self._new_state = False
+        for p in step.params:
+            st = state.get(p)
+            if not st:
+                self._new_state = True
+                continue
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    self._entries.append((st, k, v))
+                else:
+                    self._host_values.append((st, k, v))
+        live = self._params + [v for _, _, v in self._entries]
+        self._saved = [self._buffer(t) for t in live]
+        if live:
+            torch._foreach_copy_(self._saved, [t.detach() for t in live])
+        if self._host_values and not self._warned:
+            self._warned = True
+            self._say(f"SkipNonFinite: {type(self._opt).__name__} keeps plain-number state, which cannot be "
+                      "restored on the device; the skip flag is read on the host at each step for it.")
+        self._step = step
+
+    def _buffer(self, t: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(id(t))
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+            buf = self._buffers[id(t)] = torch.empty_like(t, memory_format=torch.contiguous_format)
+        return buf
+
+    def commit(self, step: GuardStep) -> None:
+        """Fused optimizers: hand them the final skip flag (every guard's request is in it now)."""
+        if not (self._fused and self._armed):
+            return
+        opt = self._opt
+        device = step.params[0].device
+        found = step.skip.to(device=device, dtype=torch.float32)
+        self._had_found = hasattr(opt, "found_inf")
+        self._prev_found = getattr(opt, "found_inf", None)
+        prev = self._prev_found
+        opt.found_inf = found if prev is None else torch.maximum(prev, found.to(prev.device))
+
+    # -- after the step ---------------------------------------------------------------------------
+
+    def after_step(self, step: GuardStep) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        if self._fused:
+            if self._had_found:
+                self._opt.found_inf = self._prev_found
+            elif hasattr(self._opt, "found_inf"):
+                del self._opt.found_inf
+            return
+        skip = step.skip
+        n = len(self._params)
+        if self._new_state or self._host_values:
+            if bool(skip):  # sync-ok: only where state was created this step or is plain numbers
+                self._restore_exactly()
+            return
+        for p, saved in zip(self._params, self._saved[:n]):
+            torch.where(skip, saved, p.detach(), out=p.detach())
+        for (st, k, old), saved in zip(self._entries, self._saved[n:]):
+            cur = st.get(k)
+            if cur is old:
+                torch.where(skip, saved, old, out=old)
+            elif isinstance(cur, torch.Tensor):  # the optimizer replaced the tensor instead of updating it
+                st[k] = torch.where(skip, saved, cur)
+
+    def _restore_exactly(self) -> None:
+        n = len(self._params)
+        for p, saved in zip(self._params, self._saved[:n]):
+            p.detach().copy_(saved)
+        for (st, k, _), saved in zip(self._entries, self._saved[n:]):
+            st[k] = saved.clone()
+        for st, k, v in self._host_values:
+            st[k] = v
+        state = self._opt.state
+        kept = {id(st) for st, _, _ in self._entries} | {id(st) for st, _, _ in self._host_values}
+        for p in self._params:
+            if p in state and id(state[p]) not in kept:
+                del state[p]  # created by this (skipped) step
+
+    # -- on the host, per flushed window ---------------------------------------------------------
+
+    def on_window(self, window: Window) -> None:
+        bad = (window.skipped > 0) & ~np.isfinite(window.grad_norm)
+        for step, b in zip(window.steps, bad):
+            if b:
+                self._skipped.append(int(step))
+                if self._run == 0:
+                    self._run_start = int(step)
+                self._run += 1
+            else:
+                self._run = 0
+        if self._run >= self.max_consecutive:
+            raise GuardStop(
+                f"{self._run} optimizer steps in a row had non-finite gradients (steps {self._run_start}-"
+                f"{self._skipped[-1]}); SkipNonFinite stops here rather than skip forever. The weights or "
+                "the data are broken: lower the learning rate, add ClipNorm, or check the inputs for NaN."
+            )
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Steps skipped for non-finite gradients, as far as the stored windows tell."""
+        return list(self._skipped)
+
+    def summary(self) -> str | None:
+        n = len(self._skipped)
+        if not n:
+            return "SkipNonFinite: no step had non-finite gradients"
+        shown = ", ".join(map(str, self._skipped[:8])) + (", ..." if n > 8 else "")
+        return f"SkipNonFinite skipped {n} step{'s' * (n != 1)} with non-finite gradients (at {shown})"
