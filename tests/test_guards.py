@@ -471,3 +471,32 @@ def test_cli_rejects_a_bad_guard_value(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--clip-norm", "-1", str(script)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "expected a positive number" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- diagnosis of guarded runs
+
+
+def test_diagnosis_reports_what_a_guard_contained(tmp_path: Path) -> None:
+    """The NaN is still reported, but as contained by the guard, without suggesting the guard again."""
+
+    def findings(guards):  # type: ignore[no-untyped-def]
+        model = _mlp(8)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        inj = FaultInjector(model, opt, {12: "nan", 30: "inf"}, seed=8)
+        w = _train(model, opt, tmp_path / "r", guards, steps=60, injector=inj)
+        return [f for f in w.findings if f.kind == "nonfinite"]
+
+    (unguarded,) = findings(None)
+    assert unguarded.severity == "error"
+    (guarded,) = findings([SkipNonFinite()])
+    assert guarded.severity == "warning" and "contained: SkipNonFinite skipped 2 steps" in guarded.summary
+    assert guarded.evidence["contained_by"] == ["SkipNonFinite"]
+    assert "skip_nonfinite" not in [r.action for r in guarded.remedies] and guarded.remedies
+
+
+def test_diagnosis_of_a_rolled_back_run(tmp_path: Path) -> None:
+    _spike_run(tmp_path, "healed", [Rollback(every=50)], {150: 1e4})
+    found = gw.diagnose(tmp_path / "healed")
+    assert not [f for f in found if f.severity == "error"], [f.summary for f in found]
+    contained = [f for f in found if "Rollback restored a good snapshot 1 time" in f.summary]
+    assert contained and all("rollback" not in [r.action for r in f.remedies] for f in contained)

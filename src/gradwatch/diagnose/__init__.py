@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import RunDirError
 from ..store import FINDINGS_FILE, FORMAT_VERSION, Run, _write_json_atomic, load_run
+from .guarded import account_for_guards
 from .finding import KINDS, SEVERITIES, Finding, Remedy
 from .rules import RULES, RunLike, run_rules
 
@@ -26,7 +27,7 @@ def diagnose(run: RunLike | str | os.PathLike[str]) -> list[Finding]:
     """
     if isinstance(run, (str, os.PathLike)):
         run = load_run(run)
-    findings = run_rules(run, RULES)
+    findings = account_for_guards(run, run_rules(run, RULES))
     return sorted(findings, key=lambda f: (-_SEVERITY_ORDER[f.severity], f.first_step, KINDS.index(f.kind)))
 
 
