@@ -19,3 +19,13 @@ def test_overhead_benchmark_quick_run_prints_a_table_with_same_weights() -> None
     rows = [line for line in out.stdout.splitlines() if line.startswith("| mlp")]
     assert [r.split("|")[2].strip() for r in rows] == ["unmonitored", "gradwatch", "naive .item()"]
     assert all("same weights" in r for r in rows[1:])  # monitoring did not change training
+
+
+def test_guards_benchmark_quick_run_prints_every_guard() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "guards.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and "ms/step" not in line]
+    for name in ("ClipNorm(1.0)", "ClipValue(1.0)", "ClipNormPerLayer(1.0)", "AGC(0.01)", "ZClip()", "AutoClip(10)",
+                 "SkipNonFinite() [copy + where]", "SkipNonFinite() [fused found_inf]", "Rollback(every=100)"):
+        assert name in rows, name

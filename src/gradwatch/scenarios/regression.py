@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -105,11 +106,16 @@ def run_regression(
                 step += 1
                 if progress is not None:
                     progress(step, total)
-            if first_bad is None and not all(torch.isfinite(p).all() for p in model.parameters()):  # sync-ok: once per epoch, outside any watch hook
-                first_bad = step
+            if w is None and first_bad is None and not all(torch.isfinite(p).all() for p in model.parameters()):
+                first_bad = step  # without a record: the end of the first epoch with non-finite weights
     finally:
         if w is not None:
             w.close()
+    if w is not None:  # the exact step, from the record
+        from ..store import load_run
+
+        bad = ~np.isfinite(load_run(out).step_series("loss"))
+        first_bad = int(np.argmax(bad)) if bad.any() else None
     with torch.no_grad():
         train = nn.functional.mse_loss(model(x), y).item()
         test = nn.functional.mse_loss(model(xt), yt).item()
@@ -139,21 +145,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gradwatch.scenarios.regression", description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=100, help="epochs per run (the seed: 100)")
     ap.add_argument("--out", default="gradwatch-runs/seed001", help="parent directory of the runs")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (as docs/guards.md shows it)")
     ns = ap.parse_args(argv)
     console = Console(highlight=False)
     table = Table(title=f"seed 001: unscaled make_regression, SGD(0.01, momentum 0.9), {ns.epochs} epochs, batch 32")
     for col in ("guard", "train MSE", "test MSE", "seed's train / test", "first non-finite", "time"):
         table.add_column(col, justify="left" if col in ("guard", "seed's train / test") else "right")
+    rows = []
     for label, guards, seed_row in guard_table():
         slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
         out = os.path.join(ns.out, slug)
         r = run_regression(guards, label=label, epochs=ns.epochs, out=out, overwrite=True, quiet=True, report=False)
         pub = PUBLISHED.get(seed_row)
         seed_text = f"{pub[0]} / {pub[1]} ({seed_row})" if pub else ""
-        table.add_row(label, f"{r.train_mse:.4g}", f"{r.test_mse:.4g}", seed_text,
-                      "-" if r.first_nonfinite_step is None else f"step {r.first_nonfinite_step}", f"{r.seconds:.1f} s")
+        row = (label, f"{r.train_mse:.4g}", f"{r.test_mse:.4g}", seed_text,
+               "-" if r.first_nonfinite_step is None else f"step {r.first_nonfinite_step}", f"{r.seconds:.1f} s")
+        rows.append(row)
+        table.add_row(*row)
         print(f"  {label}: train {r.train_mse:.4g}, test {r.test_mse:.4g}", file=sys.stderr)
-    console.print(table)
+    if ns.markdown:
+        heads = [c.header for c in table.columns]
+        print("| " + " | ".join(heads) + " |")
+        print("|" + "|".join("---" if i in (0, 3) else "---:" for i in range(len(heads))) + "|")
+        for row in rows:
+            print("| " + " | ".join(str(c) for c in row) + " |")
+    else:
+        console.print(table)
     return 0
 
 
