@@ -302,6 +302,41 @@ def test_rollback_recovers_from_a_loss_spike(tmp_path: Path) -> None:
     assert run.streams[0]["rollbacks"][0]["restored_step"] == 150
 
 
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
+def test_rollback_restores_model_and_optimizer_exactly(tmp_path: Path, storage: str) -> None:
+    """Right after the restore, weights and momentum buffers equal what they were when the snapshot
+    was taken, bit for bit, wherever the snapshot was kept."""
+    where = str(tmp_path / "snapshots") if storage == "disk" else storage
+    rb = Rollback(every=50, keep=2, storage=where)
+    at_snapshot: dict[int, list[torch.Tensor]] = {}
+    after_restore: list[list[torch.Tensor]] = []
+    take, restore = rb._take, rb._restore
+
+    def live() -> list[torch.Tensor]:
+        return [t.detach().clone() for t in rb._tensors] + [
+            v.clone() for st in rb._opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+
+    def spy_take(step):  # type: ignore[no-untyped-def]
+        at_snapshot[step] = live()
+        take(step)
+
+    def spy_restore(snap):  # type: ignore[no-untyped-def]
+        restore(snap)
+        after_restore.append(live())
+
+    rb._take, rb._restore = spy_take, spy_restore  # type: ignore[method-assign]
+    healed, _ = _spike_run(tmp_path, "healed", [rb], {150: 1e4})
+    assert len(rb.events) == 1 and rb.events[0]["restored_step"] == 150
+    (restored,) = after_restore
+    expected = at_snapshot[150]
+    assert len(restored) == len(expected) and all(torch.equal(a, b) for a, b in zip(restored, expected))
+    clean, _ = _spike_run(tmp_path, "clean", None, {})
+    assert healed == pytest.approx(clean, rel=0.5, abs=0.02)
+    if storage == "disk":
+        files = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+        assert len(files) <= 3 and all(f.startswith("rollback-step") and f.endswith(".pt") for f in files), files
+
+
 def test_rollback_stops_after_max_rollbacks(tmp_path: Path) -> None:
     rb = Rollback(every=20, max_rollbacks=2, skip_batches=3)
     with pytest.raises(GuardStop, match="after 2 rollbacks"):
@@ -397,7 +432,7 @@ def test_seed001_explodes_without_a_guard_and_trains_with_clipping(tmp_path: Pat
         (lambda: ClipValue("big"), "ClipValue\\(value\\) must be a positive number"),
         (lambda: ZClip(alpha=1.5), "ZClip\\(alpha\\) must be between 0 and 1"),
         (lambda: AutoClip(150), "AutoClip\\(percentile\\) must be between 0 and 100"),
-        (lambda: Rollback(storage="disk"), "Rollback\\(storage\\) must be 'device' or 'cpu'"),
+        (lambda: Rollback(storage=42), "Rollback\\(storage\\) must be 'device', 'cpu' or a directory path"),
         (lambda: SkipNonFinite(max_consecutive=0), "SkipNonFinite\\(max_consecutive\\) must be a positive integer"),
         (lambda: gw.watch(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), guards=[object()]), "guards must be gradwatch.guards objects"),
         (lambda: gw.watch(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), guards=[SkipNonFinite(), SkipNonFinite()]), "given twice"),

@@ -15,7 +15,9 @@ and doubles the number of batches skipped after it; after ``max_rollbacks`` the 
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,7 @@ class _Snapshot:
     step: int
     good: bool = False
     tensors: list[torch.Tensor] = field(default_factory=list)  # copies of the model's tensors
+    file: Path | None = None  # storage on disk: the tensors and state live in this file instead
     # id(param) -> its optimizer state; tensors as (copy, the device the original lives on)
     state: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -71,8 +74,10 @@ class Rollback(Guard):
         max_rollbacks: rollbacks allowed; the next trigger stops the run with :class:`GuardStop`.
         z_thresh: robust z-score that counts as a spike.
         window: good steps the z-score compares against; ``min_history`` must be seen first.
-        storage: ``"device"`` (copies next to the model) or ``"cpu"`` (host memory, pinned for CUDA
-            models, for models that cannot afford another copy on the accelerator).
+        storage: ``"device"`` (copies next to the model), ``"cpu"`` (host memory, pinned for CUDA
+            models, for models that cannot afford another copy on the accelerator), or a directory
+            (snapshots are written there with ``torch.save``, for models whose copies fit in neither;
+            writing one waits for the device, once per ``every`` steps).
     """
 
     def __init__(
@@ -85,7 +90,7 @@ class Rollback(Guard):
         z_thresh: float = 8.0,
         window: int = 50,
         min_history: int = 20,
-        storage: str = "device",
+        storage: str | os.PathLike[str] = "device",
     ):
         for name, v, low in (("every", every, 1), ("keep", keep, 1), ("skip_batches", skip_batches, 0),
                              ("max_rollbacks", max_rollbacks, 0), ("window", window, 2), ("min_history", min_history, 2)):
@@ -95,8 +100,8 @@ class Rollback(Guard):
             raise GradwatchError(f"Rollback(lr_factor) must be in (0, 1]; got {lr_factor!r}.")
         if not isinstance(z_thresh, (int, float)) or not z_thresh > 0:
             raise GradwatchError(f"Rollback(z_thresh) must be a positive number; got {z_thresh!r}.")
-        if storage not in ("device", "cpu"):
-            raise GradwatchError(f"Rollback(storage) must be 'device' or 'cpu'; got {storage!r}.")
+        if not isinstance(storage, (str, os.PathLike)) or not str(storage):
+            raise GradwatchError(f"Rollback(storage) must be 'device', 'cpu' or a directory path; got {storage!r}.")
         self.every = every
         self.keep = keep
         self.lr_factor = float(lr_factor)
@@ -105,7 +110,11 @@ class Rollback(Guard):
         self.z_thresh = float(z_thresh)
         self.window = window
         self.min_history = min(min_history, window)
-        self.storage = storage
+        self.storage = storage if storage in ("device", "cpu") else str(storage)
+
+    @property
+    def _on_disk(self) -> bool:
+        return self.storage not in ("device", "cpu")
 
     def setup(self, ctx: GuardSetup) -> None:
         self._opt = ctx.optimizer
@@ -118,6 +127,13 @@ class Rollback(Guard):
                 seen.add(id(t))
                 tensors.append(t)
         self._tensors = tensors
+        self._opt_params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+        if self._on_disk:
+            try:
+                Path(self.storage).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise GradwatchError(f"Rollback cannot keep snapshots in {self.storage} ({e.strerror}); "
+                                     "give a writable directory, or storage='cpu'.") from None
         self._snapshots: list[_Snapshot] = []
         self._pool: list[_Snapshot] = []
         self._loss: deque[float] = deque(maxlen=self.window)
@@ -131,14 +147,51 @@ class Rollback(Guard):
     # -- snapshots --------------------------------------------------------------------------------
 
     def _copy_of(self, t: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
-        on_host = self.storage == "cpu"
         if old is not None and old.shape == t.shape and old.dtype == t.dtype:
             buf = old
-        elif on_host:
+        elif self._on_disk:
+            return t.detach().to("cpu", copy=True)  # read now: it is written to disk next
+        elif self.storage == "cpu":
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
         else:
             buf = torch.empty_like(t, memory_format=torch.contiguous_format)
         return buf.copy_(t.detach(), non_blocking=buf.is_pinned())
+
+    def _to_disk(self, snap: _Snapshot) -> None:
+        index = {id(p): i for i, p in enumerate(self._opt_params)}
+        payload = {
+            "step": snap.step,
+            "tensors": snap.tensors,
+            "state": {
+                index[pid]: {k: {"tensor": v.copy, "device": str(v.device)} if isinstance(v, _Saved) else v for k, v in st.items()}
+                for pid, st in snap.state.items()
+                if pid in index
+            },
+        }
+        path = Path(self.storage) / f"rollback-step{snap.step}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        snap.file, snap.tensors, snap.state = path, [], {}
+
+    def _from_disk(self, snap: _Snapshot) -> _Snapshot:
+        assert snap.file is not None
+        payload = torch.load(snap.file, map_location="cpu", weights_only=True)
+        state = {
+            id(self._opt_params[int(i)]): {
+                k: _Saved(v["tensor"], torch.device(v["device"])) if isinstance(v, dict) and "tensor" in v else v
+                for k, v in st.items()
+            }
+            for i, st in payload["state"].items()
+        }
+        return _Snapshot(snap.step, good=True, tensors=list(payload["tensors"]), state=state)
+
+    def _discard(self, snap: _Snapshot) -> None:
+        self._snapshots.remove(snap)
+        if snap.file is not None:
+            snap.file.unlink(missing_ok=True)
+        else:
+            self._pool.append(snap)
 
     def _take(self, step: int) -> None:
         snap = self._pool.pop() if self._pool else _Snapshot(step)
@@ -157,9 +210,13 @@ class Rollback(Guard):
                     saved[k] = v
             snap.state[id(p)] = saved
         snap.step, snap.good = step, False
+        if self._on_disk:
+            self._to_disk(snap)
         self._snapshots.append(snap)
 
     def _restore(self, snap: _Snapshot) -> None:
+        if snap.file is not None:
+            snap = self._from_disk(snap)
         for t, saved in zip(self._tensors, snap.tensors):
             t.detach().copy_(saved, non_blocking=saved.is_pinned())
         state = self._opt.state
@@ -259,8 +316,7 @@ class Rollback(Guard):
         else:
             # Snapshots up to the bad step hold the state before it; later ones are of the broken run.
             for snap in [x for x in self._snapshots if x.step > bad_step]:
-                self._snapshots.remove(snap)
-                self._pool.append(snap)
+                self._discard(snap)
             for snap in self._snapshots:
                 snap.good = True
             if not self._snapshots:
@@ -270,8 +326,7 @@ class Rollback(Guard):
         good = [x for x in self._snapshots if x.good]
         for snap in good[: max(0, len(good) - self.keep)]:
             if self._pending is None or snap is not self._pending[0]:
-                self._snapshots.remove(snap)
-                self._pool.append(snap)
+                self._discard(snap)
 
     def summary(self) -> str | None:
         if not self.events:
