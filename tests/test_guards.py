@@ -449,7 +449,12 @@ def test_each_optimizer_gets_its_own_guard_state(tmp_path: Path) -> None:
     og, od = torch.optim.SGD(g.parameters(), lr=0.01), torch.optim.SGD(d.parameters(), lr=0.01)
     z = ZClip(warmup=3)
     x, y = _data()
-    with gw.watch(g, [og, od], out=tmp_path / "r", quiet=True, report=False, guards=[z, ClipNorm(0.5)]) as w:
+    with gw.watch(g, og, out=tmp_path / "r", quiet=True, report=False, guards=[z, ClipNorm(0.5)]) as w:
+        for _ in range(5):  # the first optimizer's guards gather state before the second arrives
+            loss = ((g(x) - y) ** 2).mean()
+            og.zero_grad()
+            loss.backward()
+            og.step()
         w.add_optimizer(od, d)
         for _ in range(10):
             for m, o in ((g, og), (d, od)):
@@ -459,10 +464,15 @@ def test_each_optimizer_gets_its_own_guard_state(tmp_path: Path) -> None:
                 o.step()
     chains = [a.guards for a in w._attached.values()]
     assert chains[0].guards[0] is z and chains[1].guards[0] is not z
+    assert (z._seen, chains[1].guards[0]._seen) == (3, 3), "warm-ups counted per optimizer"
+    assert (chains[0].guards[1]._steps, chains[1].guards[1]._steps) == (15, 10), "counters start fresh"
     run = gw.load_run(tmp_path / "r")
     assert [s["guards"][1] for s in run.streams] == [{"name": "ClipNorm", "max_norm": 0.5}] * 2
     # The merged post-guard norm is the norm over both streams' clipped gradients.
-    np.testing.assert_allclose(run.step_series("grad_norm_clipped"), math.sqrt(2) * 0.5, rtol=1e-4)
+    # (steps count per optimizer: rows 0-9 hold both streams, rows 10-14 the first one alone)
+    post = run.step_series("grad_norm_clipped")
+    np.testing.assert_allclose(post[:10], math.sqrt(2) * 0.5, rtol=1e-4)
+    np.testing.assert_allclose(post[10:], 0.5, rtol=1e-4)
 
 
 SCRIPT = """

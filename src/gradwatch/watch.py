@@ -140,6 +140,8 @@ class Watch:
             raise GradwatchError(f"the model ({type(model).__name__}) has no parameters; there is nothing to watch.")
         self.config = ProbeConfig(flush_every=flush_every, sample_every=sample_every)
         self._guards = as_guard_list(guards)
+        # Fresh copies for further optimizers, taken before the first stream's guards hold any state.
+        self._guard_templates = copy.deepcopy(self._guards)
         self.model = model
         self.out = Path(out) if out is not None else default_out()
         self.quiet = quiet
@@ -233,7 +235,7 @@ class Watch:
         att.probe = TorchProbe(params, layers, self.config, lambda chunk: self._on_window(att, chunk), model=model)
         if self._guards:
             # The first optimizer uses the guard objects given (so their counters can be read back).
-            guards = self._guards if not self._attached else [copy.deepcopy(g) for g in self._guards]
+            guards = self._guards if not self._attached else copy.deepcopy(self._guard_templates)
             setup = GuardSetup(optimizer, model, layers, params, att.probe.device, say_to_stderr(self.quiet))
             att.guards = GuardChain(guards, setup)
         if hooks:

@@ -47,12 +47,15 @@ class ClipNorm(_Counted):
     def __init__(self, max_norm: float):
         self.max_norm = _positive("ClipNorm(max_norm)", max_norm)
 
+    def setup(self, ctx: GuardSetup) -> None:
+        self._threshold = torch.full((), self.max_norm, device=ctx.device)
+
     def before_step(self, step: GuardStep) -> None:
         norm = step.norm()
         coef = torch.clamp(self.max_norm / (norm + NORM_EPS), max=1.0)
-        self._count(step, norm > self.max_norm)
+        self._count(step, torch.isfinite(norm) & (norm > self.max_norm))  # a non-finite step is not "clipped"
         step.scale(coef)
-        step.threshold = torch.full((), self.max_norm, device=step.device)
+        step.threshold = self._threshold
 
 
 class ClipValue(_Counted):
@@ -65,7 +68,7 @@ class ClipValue(_Counted):
         v = self.value
         # Whether anything is beyond the bound: the largest |g| per tensor, compared on the device.
         maxabs = torch.stack([torch.linalg.vector_norm(g, float("inf")).to(step.device) for g in step.grads if g.numel()])
-        self._count(step, (maxabs > v).any())
+        self._count(step, (torch.isfinite(maxabs) & (maxabs > v)).any())
         for dev, ids in step._groups().items():
             grads = [step.grads[i] for i in ids]
             torch._foreach_clamp_min_(grads, -v)
@@ -80,12 +83,15 @@ class ClipNormPerLayer(_Counted):
     def __init__(self, max_norm: float):
         self.max_norm = _positive("ClipNormPerLayer(max_norm)", max_norm)
 
+    def setup(self, ctx: GuardSetup) -> None:
+        self._threshold = torch.full((), self.max_norm, device=ctx.device)
+
     def before_step(self, step: GuardStep) -> None:
         norms = step.norms()
         coefs = self.max_norm / torch.clamp(norms, min=self.max_norm)
-        self._count(step, (norms > self.max_norm).any())
+        self._count(step, (torch.isfinite(norms) & (norms > self.max_norm)).any())
         step.scale_layers(coefs)
-        step.threshold = torch.full((), self.max_norm, device=step.device)
+        step.threshold = self._threshold
 
 
 #: Module names treated as the output layer, which AGC leaves alone (Brock et al. 2021 do not clip
