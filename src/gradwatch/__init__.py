@@ -13,7 +13,7 @@ from .errors import GradwatchError, RunDirError
 from .store import LAYER_METRICS, STEP_METRICS, LayerInfo, Run, load_run
 from .diagnose import Finding, Remedy, diagnose
 from .watch import Watch, watch
-from . import guards
+from . import guards, surgery
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "Watch",
     "diagnose",
     "guards",
+    "surgery",
     "load_run",
     "watch",
 ]
