@@ -61,11 +61,11 @@ def _add_guard_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-norm-per-layer", type=_positive_float, metavar="MAX",
                    help="clip each gradient tensor's norm to MAX (Keras clipnorm)")
     g.add_argument("--clip-value", type=_positive_float, metavar="V", help="clamp every gradient element to [-V, V]")
-    g.add_argument("--agc", type=_positive_float, nargs="?", const=0.01, metavar="CLIP",
-                   help="adaptive unit-wise clipping, |g|/|w| <= CLIP (default 0.01)")
+    g.add_argument("--agc", type=_positive_float, metavar="CLIP",
+                   help="adaptive unit-wise clipping, |g_unit|/|w_unit| <= CLIP (NFNets use 0.01)")
     g.add_argument("--zclip", action="store_true", help="clip gradient-norm spikes by their z-score (ZClip)")
-    g.add_argument("--autoclip", type=float, nargs="?", const=10.0, metavar="P",
-                   help="clip to the P-th percentile of the norms so far (AutoClip; default 10)")
+    g.add_argument("--autoclip", type=float, metavar="P",
+                   help="clip to the P-th percentile of the norms so far (AutoClip; the paper uses 10)")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps with NaN/Inf gradients, leaving weights and optimizer state untouched")
     g.add_argument("--rollback", action="store_true",
@@ -134,9 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_dirs", metavar="DIR", nargs="+", help="run directories written by gradwatch")
     cmp_.add_argument("--out", metavar="FILE", default="gradwatch-compare.html", help="the page to write (default gradwatch-compare.html)")
 
-    demo = sub.add_parser("demo", help="the built-in default run: seed 000's sigmoid MLP on make_moons (vanishing)")
+    demo = sub.add_parser("demo", help="the seed articles' experiments: train, diagnose, fix, compare (see --list)")
     _add_watch_options(demo)
-    demo.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20; the seed uses 100)")
+    demo.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenarios to run (default: all; see --list)")
+    demo.add_argument("--full", action="store_true", help="the seeds' own epochs and complete grids (minutes to hours)")
+    demo.add_argument("--epochs", type=_positive_int, default=None, help="epochs for every scenario (overrides the defaults)")
+    demo.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return parser
 
 
@@ -191,35 +194,35 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .report.terminal import print_summary
-    from .scenarios.moons import run_moons
+    from .diagnose import read_findings
+    from .report.terminal import print_findings, print_summary
+    from .scenarios.base import check
+    from .scenarios.demo import list_scenarios, run_demo
+    from .store import load_run
     from .watch import default_out
 
-    out = ns.out or default_out("demo-moons-sigmoid")
+    if ns.list:
+        list_scenarios(Console(highlight=False))
+        return 0
+    out = Path(ns.out) if ns.out else default_out("demo")
     _err.print(
-        "[bold]gradwatch demo[/bold]: seed 000's baseline — make_moons(3000, noise 0.25), "
-        "MLP 2-10-10-5-1 with sigmoid, U(-1, 1) init, RMSprop, batch 32."
+        "[bold]gradwatch demo[/bold]: the seed articles' experiments in PyTorch. Each scenario trains the "
+        "seed's failing model and its fixes, diagnoses every run and compares them"
+        + (" (the seeds' full budgets)." if ns.full else " (short budgets; --full for the seeds' own).")
     )
-    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(), console=_err) as bar:
-        task = bar.add_task("train", total=None)
+    opts = {"flush_every": ns.flush_every, "sample_every": ns.sample_every}
+    done = run_demo(ns.scenarios, out, full=ns.full, epochs=ns.epochs, console=_err, **opts)
+    scenario, results = done[0]
+    base = results[0]
+    _err.print(f"\n[bold]Diagnosis of {scenario.name} / {base.label}[/bold] (seed {scenario.seed_article}'s failing run):")
+    print_summary(load_run(base.out), _err)
+    print_findings(read_findings(base.out), _err)
+    if not ns.no_report:
+        from .report.html import write_report
 
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        result = run_moons(out, epochs=ns.epochs, progress=progress, quiet=True, **_watch_options(ns))
-    _err.print(f"trained {result.steps} steps; on all 3000 points: loss {result.final_loss:.4f}, accuracy {result.accuracy:.3f}")
-    from .diagnose import read_findings
-    from .report.terminal import print_findings
-    from .store import load_run
-
-    print_summary(load_run(result.out), _err)
-    print_findings(read_findings(result.out), _err)
-    _err.print(f"Run directory: [bold]{result.out}[/bold]  (read it with gradwatch.load_run({str(result.out)!r}))")
-    report = Path(result.out) / "report.html"
-    if report.exists():
-        _err.print(f"Report: [bold]{report}[/bold]  (open it in a browser)")
+        _err.print(f"Report: [bold]{write_report(base.out)}[/bold]  (open it in a browser)")
+    checks = [ok for sc, res in done for _, ok in check(sc, res)]
+    _err.print(f"Seed results reproduced: {sum(checks)} of {len(checks)}. Runs: [bold]{out}[/bold]")
     return 0
 
 

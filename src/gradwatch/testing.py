@@ -71,6 +71,19 @@ class FaultInjector:
         layers: Sequence[str] | None = None,
         seed: int = 0,
     ):
+        if not isinstance(model, nn.Module):
+            raise GradwatchError(f"FaultInjector needs the model (a torch.nn.Module); got {type(model).__name__}.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise GradwatchError(f"FaultInjector needs the optimizer whose steps it counts; got {type(optimizer).__name__}.")
+        if not isinstance(faults, Mapping):
+            raise GradwatchError(f"faults maps step -> value, e.g. {{3: 'nan', 10: 1e30}}; got {type(faults).__name__}.")
+        for s in faults:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise GradwatchError(f"fault steps are non-negative integers (optimizer steps); got {s!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise GradwatchError(f"seed must be an integer; got {seed!r}.")
+        if isinstance(layers, str):
+            layers = [layers]
         if target not in ("grad", "loss"):
             raise GradwatchError(f"target must be 'grad' or 'loss'; got {target!r}.")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel()]

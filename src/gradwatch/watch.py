@@ -261,8 +261,13 @@ class Watch:
                     step = att.guards.before_step(att.probe.step - 1, att.probe.step_inputs)
                     att.guard_step = step
                     if step is not None:
-                        after, coef, threshold, skipped = att.guards.record(step)
-                        att.probe.record_guards(after, coef, threshold, skipped, step.rolled_back)
+                        try:
+                            after, coef, threshold, skipped = att.guards.record(step)
+                            att.probe.record_guards(after, coef, threshold, skipped, step.rolled_back)
+                        except Exception:
+                            att.guards.abort(step)  # e.g. take back a skip flag handed to a fused optimizer
+                            att.guard_step = None
+                            raise
             except GuardStop:
                 raise  # a guard gave up on purpose: the training loop must stop, with its message
             except Exception as e:

@@ -7,6 +7,7 @@ neither clipped (SkipNonFinite's business) nor allowed into the statistics.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -33,13 +34,13 @@ class ZClip(_Counted):
     """
 
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25, eps: float = 1e-6):
-        if not 0 < alpha < 1:
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
             raise GradwatchError(f"ZClip(alpha) must be between 0 and 1; got {alpha!r}.")
-        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
+        if not isinstance(warmup, numbers.Integral) or isinstance(warmup, bool) or warmup < 1:
             raise GradwatchError(f"ZClip(warmup) must be a positive integer; got {warmup!r}.")
         self.alpha = float(alpha)
         self.z_thresh = _positive("ZClip(z_thresh)", z_thresh)
-        self.warmup = warmup
+        self.warmup = int(warmup)
         self.eps = _positive("ZClip(eps)", eps)
 
     def setup(self, ctx: GuardSetup) -> None:
@@ -91,12 +92,12 @@ class AutoClip(_Counted):
     """
 
     def __init__(self, percentile: float = 10.0, history: int | None = None):
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
+        if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 <= percentile <= 100:
             raise GradwatchError(f"AutoClip(percentile) must be between 0 and 100; got {percentile!r}.")
-        if history is not None and (not isinstance(history, int) or isinstance(history, bool) or history < 1):
+        if history is not None and (not isinstance(history, numbers.Integral) or isinstance(history, bool) or history < 1):
             raise GradwatchError(f"AutoClip(history) must be a positive integer or None; got {history!r}.")
         self.percentile = float(percentile)
-        self.history = history
+        self.history = None if history is None else int(history)
 
     def setup(self, ctx: GuardSetup) -> None:
         self._n = 0

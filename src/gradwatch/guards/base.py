@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import GradwatchError
+from ..probe.torch import l2_norms
 from ..store import Chunk, LayerInfo
 
 
@@ -84,7 +85,7 @@ class GuardStep:
         self.host_skip = False
         self.rolled_back = False
         self.threshold: torch.Tensor | None = None
-        self._by_device: dict[torch.device, list[int]] | None = None
+        self._by_device: dict[tuple[torch.device, torch.dtype], list[int]] | None = None
 
     # -- the current norm -----------------------------------------------------------------------
 
@@ -95,8 +96,8 @@ class GuardStep:
             if self.layer_norms is None:
                 per_grad: list[torch.Tensor] = [self.raw_norm] * len(self.grads)
                 for ids in self._groups().values():
-                    for i, n in zip(ids, torch._foreach_norm([self.grads[i] for i in ids], 2, dtype=torch.float32)):
-                        per_grad[i] = n.to(self.device)
+                    for i, n in zip(ids, l2_norms([self.grads[i] for i in ids])):
+                        per_grad[i] = n.to(device=self.device, dtype=torch.float32)
                 self.layer_norms = torch.stack(per_grad)
             self._norm = torch.linalg.vector_norm(self.layer_norms)
         return self._norm
@@ -107,18 +108,19 @@ class GuardStep:
         assert self.layer_norms is not None
         return self.layer_norms
 
-    def _groups(self) -> dict[torch.device, list[int]]:
+    def _groups(self) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+        """Gradient indices by (device, dtype): one foreach launch each."""
         if self._by_device is None:
             self._by_device = {}
             for i, g in enumerate(self.grads):
-                self._by_device.setdefault(g.device, []).append(i)
+                self._by_device.setdefault((g.device, g.dtype), []).append(i)
         return self._by_device
 
     # -- what guards do ---------------------------------------------------------------------------
 
     def scale(self, coef: torch.Tensor) -> None:
         """Multiply every gradient by the 0-d tensor ``coef`` (as ``clip_grad_norm_`` does)."""
-        for dev, ids in self._groups().items():
+        for (dev, _), ids in self._groups().items():
             torch._foreach_mul_([self.grads[i] for i in ids], coef.to(dev))
         if self._norm is not None:
             self._norm = self._norm * coef
@@ -128,7 +130,7 @@ class GuardStep:
     def scale_layers(self, coefs: torch.Tensor) -> None:
         """Multiply gradient ``i`` by ``coefs[i]`` (one coefficient per tensor)."""
         parts = coefs.unbind()
-        for dev, ids in self._groups().items():
+        for (dev, _), ids in self._groups().items():
             torch._foreach_mul_([self.grads[i] for i in ids], [parts[i].to(dev) for i in ids])
         if self.layer_norms is not None:
             self.layer_norms = self.layer_norms * coefs
@@ -180,6 +182,10 @@ class Guard:
     def after_step(self, step: GuardStep) -> None:  # noqa: B027
         pass
 
+    def abort(self, step: GuardStep | None) -> None:  # noqa: B027
+        """Something failed before the optimizer ran: undo what was handed to it (the step goes on
+        unguarded rather than half-guarded)."""
+
     def on_window(self, window: Window) -> None:  # noqa: B027
         pass
 
@@ -220,20 +226,34 @@ class GuardChain:
         if not grads or norms is None:
             return None
         step = GuardStep(index, ids, params, grads, norms, self.setup.device)
-        with torch.no_grad():
-            for g in self.guards:
-                g.prepare(step)
-            if not step.host_skip:
-                for g in self.guards:
-                    g.before_step(step)
-                for g in self.guards:
-                    g.commit(step)
-            if step.host_skip:
-                # Decided on the host: with no gradients the optimizer leaves parameters and state as they are.
-                for group in self.setup.optimizer.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
+        try:
+            self._run(step)
+        except BaseException:
+            self.abort(step)
+            raise
         return step
+
+    def abort(self, step: GuardStep | None) -> None:
+        for g in self.guards:
+            try:
+                g.abort(step)
+            except Exception:  # undoing is best effort; the original error is what matters
+                pass
+
+    @torch.no_grad()
+    def _run(self, step: GuardStep) -> None:
+        for g in self.guards:
+            g.prepare(step)
+        if not step.host_skip:
+            for g in self.guards:
+                g.before_step(step)
+            for g in self.guards:
+                g.commit(step)
+        if step.host_skip:
+            # Decided on the host: with no gradients the optimizer leaves parameters and state as they are.
+            for group in self.setup.optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
     def after_step(self, step: GuardStep | None) -> None:
         if step is None:
@@ -267,8 +287,13 @@ def as_guard_list(guards: Sequence[Guard] | Guard | None) -> list[Guard]:
     """Validate ``watch(guards=...)``."""
     if guards is None:
         return []
-    items = [guards] if isinstance(guards, Guard) else list(guards)
+    if isinstance(guards, type) or not isinstance(guards, (Guard, list, tuple)):
+        items = [guards]
+    else:
+        items = [guards] if isinstance(guards, Guard) else list(guards)
     for g in items:
+        if isinstance(g, type) and issubclass(g, Guard):
+            raise GradwatchError(f"guards takes guard objects; got the class {g.__name__}: write {g.__name__}(...) with its settings.")
         if not isinstance(g, Guard):
             raise GradwatchError(
                 f"guards must be gradwatch.guards objects (ClipNorm(1.0), SkipNonFinite(), ...); got {type(g).__name__}."

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -11,7 +13,7 @@ from .base import Guard, GuardSetup, GuardStep
 
 
 def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise GradwatchError(f"{name} must be a positive number; got {value!r}.")
     return float(value)
 
@@ -69,7 +71,7 @@ class ClipValue(_Counted):
         # Whether anything is beyond the bound: the largest |g| per tensor, compared on the device.
         maxabs = torch.stack([torch.linalg.vector_norm(g, float("inf")).to(step.device) for g in step.grads if g.numel()])
         self._count(step, (torch.isfinite(maxabs) & (maxabs > v)).any())
-        for dev, ids in step._groups().items():
+        for ids in step._groups().values():
             grads = [step.grads[i] for i in ids]
             torch._foreach_clamp_min_(grads, -v)
             torch._foreach_clamp_max_(grads, v)
@@ -120,6 +122,8 @@ class AGC(_Counted):
         self.eps = _positive("AGC(eps)", eps)
         if isinstance(exclude, str):
             exclude = [exclude]
+        if exclude is not None and (not isinstance(exclude, (list, tuple, set)) or not all(isinstance(e, str) for e in exclude)):
+            raise GradwatchError(f"AGC(exclude) takes module names (strings), e.g. exclude=['head']; got {exclude!r}.")
         self.exclude = tuple(exclude) if exclude is not None else HEAD_NAMES
 
     def setup(self, ctx: GuardSetup) -> None:

@@ -15,10 +15,11 @@ and doubles the number of batches skipped after it; after ``max_rollbacks`` the 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections import deque
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,22 +95,22 @@ class Rollback(Guard):
     ):
         for name, v, low in (("every", every, 1), ("keep", keep, 1), ("skip_batches", skip_batches, 0),
                              ("max_rollbacks", max_rollbacks, 0), ("window", window, 2), ("min_history", min_history, 2)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
                 raise GradwatchError(f"Rollback({name}) must be an integer >= {low}; got {v!r}.")
-        if not isinstance(lr_factor, (int, float)) or not 0 < lr_factor <= 1:
+        if isinstance(lr_factor, bool) or not isinstance(lr_factor, numbers.Real) or not 0 < lr_factor <= 1:
             raise GradwatchError(f"Rollback(lr_factor) must be in (0, 1]; got {lr_factor!r}.")
-        if not isinstance(z_thresh, (int, float)) or not z_thresh > 0:
+        if isinstance(z_thresh, bool) or not isinstance(z_thresh, numbers.Real) or not z_thresh > 0:
             raise GradwatchError(f"Rollback(z_thresh) must be a positive number; got {z_thresh!r}.")
         if not isinstance(storage, (str, os.PathLike)) or not str(storage):
             raise GradwatchError(f"Rollback(storage) must be 'device', 'cpu' or a directory path; got {storage!r}.")
-        self.every = every
-        self.keep = keep
+        self.every = int(every)
+        self.keep = int(keep)
         self.lr_factor = float(lr_factor)
-        self.skip_batches = skip_batches
-        self.max_rollbacks = max_rollbacks
+        self.skip_batches = int(skip_batches)
+        self.max_rollbacks = int(max_rollbacks)
         self.z_thresh = float(z_thresh)
-        self.window = window
-        self.min_history = min(min_history, window)
+        self.window = int(window)
+        self.min_history = int(min(min_history, window))
         self.storage = storage if storage in ("device", "cpu") else str(storage)
 
     @property
@@ -119,15 +120,20 @@ class Rollback(Guard):
     def setup(self, ctx: GuardSetup) -> None:
         self._opt = ctx.optimizer
         self._say = ctx.say
+        self._opt_params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+        # This optimizer's parameters; the model's buffers (BatchNorm statistics) too when the model
+        # is this optimizer's alone — with several optimizers on one model each restores only its own.
         tensors: list[torch.Tensor] = []
         seen: set[int] = set()
-        source = ctx.model.state_dict(keep_vars=True).values() if ctx.model is not None else ctx.params
-        for t in list(source) + list(ctx.params):  # parameters and buffers (BatchNorm statistics)
+        mine = {id(p) for p in self._opt_params}
+        buffers: list[torch.Tensor] = []
+        if ctx.model is not None and all(id(p) in mine for p in ctx.model.parameters() if p.requires_grad):
+            buffers = [b for _, b in ctx.model.named_buffers()]  # persistent or not
+        for t in self._opt_params + buffers:
             if isinstance(t, torch.Tensor) and id(t) not in seen:
                 seen.add(id(t))
                 tensors.append(t)
         self._tensors = tensors
-        self._opt_params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
         if self._on_disk:
             try:
                 Path(self.storage).mkdir(parents=True, exist_ok=True)
@@ -255,10 +261,13 @@ class Rollback(Guard):
             self.rollbacks += 1
             factor = self.lr_factor
             lrs = []
+            scaled: set[int] = set()  # param groups may share one lr tensor: scale it once
             for group in self._opt.param_groups:
                 lr = group.get("lr")
                 if isinstance(lr, torch.Tensor):
-                    lr.mul_(factor)
+                    if id(lr) not in scaled:
+                        scaled.add(id(lr))
+                        lr.mul_(factor)
                 elif isinstance(lr, (int, float)):
                     group["lr"] = lr * factor
                     lrs.append(group["lr"])
@@ -276,7 +285,9 @@ class Rollback(Guard):
             self._skip_left -= 1
             step.host_skip = True
             return
-        if step.index % self.every == 0:
+        # At most one snapshot waits for its window to be checked: with every < flush_every the
+        # snapshots thin out to one per window instead of piling up.
+        if step.index % self.every == 0 and all(x.good for x in self._snapshots):
             self._take(step.index)
 
     # -- the decision, on the host ----------------------------------------------------------------
@@ -284,21 +295,21 @@ class Rollback(Guard):
     def on_window(self, window: Window) -> None:
         if not len(window.steps) or self._pending is not None:
             return
-        bad_step, reason = None, ""
+        bad_step, reason, loss_bad = None, "", False
         for i, s in enumerate(window.steps):
             if window.skipped[i] > 0:
                 continue  # a skipped step changed nothing
             logged = window.loss_logged[i] > 0
             loss, norm = float(window.loss[i]), float(window.grad_norm[i])
             if logged and not math.isfinite(loss):
-                bad_step, reason = int(s), "non-finite loss"
+                bad_step, reason, loss_bad = int(s), "non-finite loss", True
             elif not math.isfinite(norm):
                 bad_step, reason = int(s), "non-finite gradients"
             else:
                 if logged and len(self._loss) >= self.min_history:
                     z = robust_z(loss, self._loss, MIN_REL_SPREAD * abs(float(np.median(self._loss))))
                     if z > self.z_thresh:
-                        bad_step, reason = int(s), f"loss spike (robust z = {z:.0f})"
+                        bad_step, reason, loss_bad = int(s), f"loss spike (robust z = {z:.0f})", True
                 if bad_step is None and norm > 0 and len(self._lognorm) >= self.min_history:
                     z = robust_z(math.log10(norm), self._lognorm, MIN_LOG_SPREAD)
                     if z > self.z_thresh:
@@ -311,16 +322,18 @@ class Rollback(Guard):
                 self._lognorm.append(math.log10(norm))
         if bad_step is None:
             last = int(window.steps[-1])
-            for snap in self._snapshots:
-                snap.good = snap.good or snap.step <= last + 1
+            for snap in self._snapshots:  # the state of step s was good if the loss at s was
+                snap.good = snap.good or snap.step <= last
         else:
-            # Snapshots up to the bad step hold the state before it; later ones are of the broken run.
-            for snap in [x for x in self._snapshots if x.step > bad_step]:
+            # A snapshot of step s holds the weights the loss of step s was computed with: a bad loss
+            # at step b condemns the snapshot of b itself; bad gradients at b (finite loss) do not.
+            limit = bad_step - 1 if loss_bad else bad_step
+            for snap in [x for x in self._snapshots if x.step > limit]:
                 self._discard(snap)
             for snap in self._snapshots:
                 snap.good = True
             if not self._snapshots:
-                raise GuardStop(f"training blew up at step {bad_step} ({reason}) before Rollback had a snapshot; "
+                raise GuardStop(f"training blew up at step {bad_step} ({reason}) before Rollback had a good snapshot; "
                                 "it takes one every `every` steps from step 0.")
             self._pending = (self._snapshots[-1], reason, bad_step)
         good = [x for x in self._snapshots if x.good]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,9 @@ class SkipNonFinite(Guard):
     """
 
     def __init__(self, max_consecutive: int = 25):
-        if not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 1:
+        if not isinstance(max_consecutive, numbers.Integral) or isinstance(max_consecutive, bool) or max_consecutive < 1:
             raise GradwatchError(f"SkipNonFinite(max_consecutive) must be a positive integer; got {max_consecutive!r}.")
-        self.max_consecutive = max_consecutive
+        self.max_consecutive = int(max_consecutive)
 
     def setup(self, ctx: GuardSetup) -> None:
         self._opt = ctx.optimizer
@@ -56,23 +57,22 @@ class SkipNonFinite(Guard):
     def before_step(self, step: GuardStep) -> None:
         step.request_skip(~torch.isfinite(step.raw_norm))
         self._armed = True
-        if self._fused:
-            return  # found_inf is handed over in commit(), once every guard has asked
         state = self._opt.state
         self._params = list(step.params)
+        # Parameters without optimizer state yet: if this step creates some, its initial values are
+        # not known beforehand, so a skipped step removes it again (one host read, at that step only).
+        self._stateless = [p for p in step.params if not state.get(p)]
+        self._found_set = False
+        if self._fused:
+            return  # found_inf is handed over in commit(), once every guard has asked
         self._entries: list[tuple[dict[str, Any], str, torch.Tensor]] = []
         self._host_values: list[tuple[dict[str, Any], str, Any]] = []
-        self._new_state = False
         for p in step.params:
-            st = state.get(p)
-            if not st:
-                self._new_state = True
-                continue
-            for k, v in st.items():
+            for k, v in state.get(p, {}).items():
                 if isinstance(v, torch.Tensor):
-                    self._entries.append((st, k, v))
+                    self._entries.append((state[p], k, v))
                 else:
-                    self._host_values.append((st, k, v))
+                    self._host_values.append((state[p], k, v))
         live = self._params + [v for _, _, v in self._entries]
         self._saved = [self._buffer(t) for t in live]
         if live:
@@ -81,7 +81,6 @@ class SkipNonFinite(Guard):
             self._warned = True
             self._say(f"SkipNonFinite: {type(self._opt).__name__} keeps plain-number state, which cannot be "
                       "restored on the device; the skip flag is read on the host at each step for it.")
-        self._step = step
 
     def _buffer(self, t: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(id(t))
@@ -94,12 +93,26 @@ class SkipNonFinite(Guard):
         if not (self._fused and self._armed):
             return
         opt = self._opt
-        device = step.params[0].device
-        found = step.skip.to(device=device, dtype=torch.float32)
+        found = step.skip.to(device=step.params[0].device, dtype=torch.float32)
         self._had_found = hasattr(opt, "found_inf")
         self._prev_found = getattr(opt, "found_inf", None)
         prev = self._prev_found
         opt.found_inf = found if prev is None else torch.maximum(prev, found.to(prev.device))
+        self._found_set = True
+
+    def abort(self, step: GuardStep | None) -> None:
+        """The step goes on unguarded (something after commit failed): take back the flag."""
+        self._give_back_found_inf()
+        self._armed = False
+
+    def _give_back_found_inf(self) -> None:
+        if not self._found_set:
+            return
+        self._found_set = False
+        if self._had_found:
+            self._opt.found_inf = self._prev_found
+        elif hasattr(self._opt, "found_inf"):
+            del self._opt.found_inf
 
     # -- after the step ---------------------------------------------------------------------------
 
@@ -107,18 +120,20 @@ class SkipNonFinite(Guard):
         if not self._armed:
             return
         self._armed = False
-        if self._fused:
-            if self._had_found:
-                self._opt.found_inf = self._prev_found
-            elif hasattr(self._opt, "found_inf"):
-                del self._opt.found_inf
-            return
+        self._give_back_found_inf()
         skip = step.skip
-        n = len(self._params)
-        if self._new_state or self._host_values:
-            if bool(skip):  # sync-ok: only where state was created this step or is plain numbers
-                self._restore_exactly()
+        state = self._opt.state
+        created = [p for p in self._stateless if state.get(p)]
+        if created or (not self._fused and self._host_values):
+            if bool(skip):  # sync-ok: only at a step that created optimizer state, or plain-number state
+                if not self._fused:
+                    self._restore_exactly()
+                for p in created:
+                    del state[p]  # created by this skipped step
             return
+        if self._fused:
+            return  # the kernel skipped the update itself
+        n = len(self._params)
         for p, saved in zip(self._params, self._saved[:n]):
             torch.where(skip, saved, p.detach(), out=p.detach())
         for (st, k, old), saved in zip(self._entries, self._saved[n:]):
@@ -136,11 +151,6 @@ class SkipNonFinite(Guard):
             st[k] = saved.clone()
         for st, k, v in self._host_values:
             st[k] = v
-        state = self._opt.state
-        kept = {id(st) for st, _, _ in self._entries} | {id(st) for st, _, _ in self._host_values}
-        for p in self._params:
-            if p in state and id(state[p]) not in kept:
-                del state[p]  # created by this (skipped) step
 
     # -- on the host, per flushed window ---------------------------------------------------------
 

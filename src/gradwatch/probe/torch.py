@@ -204,6 +204,15 @@ class _Group:
         return self.snapshot
 
 
+def l2_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """L2 norm of each tensor (one foreach launch; all share a device and dtype): accumulated in
+    float32 for float32 and narrower types, in float64 for float64 (which cannot be narrowed in
+    ``_foreach_norm``)."""
+    if tensors and tensors[0].dtype == torch.float64:
+        return torch._foreach_norm(tensors, 2)
+    return torch._foreach_norm(tensors, 2, dtype=torch.float32)
+
+
 def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
     flat = x.detach().reshape(-1)
     return [flat[i : i + _CHUNK] for i in range(0, flat.numel(), _CHUNK)]
@@ -456,7 +465,7 @@ class TorchProbe:
             self._present[row, ids] = True
             key = (gi, tuple(ids))
             if grads:
-                norms = self._put(ring_row, "g_norm", key, ids, torch._foreach_norm(grads, 2, dtype=torch.float32))
+                norms = self._put(ring_row, "g_norm", key, ids, l2_norms(grads))
                 all_ids += ids
                 all_params += params
                 all_grads += grads
@@ -503,7 +512,7 @@ class TorchProbe:
 
     def _weight_details(self, ring_row: torch.Tensor, gi: int, group: _Group) -> None:
         moments = [_exact_moments(w, group.scratch, group.scratch64) for w in group.weights]
-        self._put(ring_row, "w_norm", ("w", gi), group.layer_ids, torch._foreach_norm(group.weights, 2, dtype=torch.float32))
+        self._put(ring_row, "w_norm", ("w", gi), group.layer_ids, l2_norms(group.weights))
         self._put(ring_row, "w_sum", ("w", gi), group.layer_ids, [m[0] for m in moments])
         self._put(ring_row, "w_cnorm", ("w", gi), group.layer_ids, [m[1] for m in moments])
 
@@ -518,7 +527,7 @@ class TorchProbe:
         ring_row = self._ring[self._rows - 1]  # the row that on_before_optimizer_step committed
         for gi, (group, before) in enumerate(zip(self._groups, self._snapshot)):
             torch._foreach_sub_(before, group.weights)
-            self._put(ring_row, "dw_norm", ("dw", gi), group.layer_ids, torch._foreach_norm(before, 2, dtype=torch.float32))
+            self._put(ring_row, "dw_norm", ("dw", gi), group.layer_ids, l2_norms(before))
         self._snapshot = None
 
     @torch.no_grad()
