@@ -63,15 +63,24 @@ def test_flush_every_zero_is_refused_before_the_script_runs(tmp_path):
 
 def test_demo_trains_one_epoch_and_leaves_a_readable_run(tmp_path):
     out = tmp_path / "demo"
-    res = gw("demo", "--epochs", "1", "--out", str(out), cwd=tmp_path)
+    res = gw("demo", "moons", "--epochs", "1", "--out", str(out), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout == ""  # everything gradwatch says goes to stderr
     assert "0.weight" in res.stderr and "6.weight" in res.stderr  # the summary names first and last layer
+    assert "seed 000" in res.stderr and "reproduced" in res.stderr
     assert "Traceback" not in res.stderr
 
-    run = gradwatch.load_run(out)
+    run = gradwatch.load_run(out / "moons" / "baseline-sigmoid")
     assert run.status == "finished"
     assert len(run.steps) == 94  # make_moons(3000) in batches of 32
     assert len(run.layers) == 8  # 4 Linear layers x (weight, bias)
     assert [layer.name for layer in run.layers][::2] == ["0.weight", "2.weight", "4.weight", "6.weight"]
     assert [layer.activation for layer in run.layers][::2] == ["Sigmoid"] * 4
+    assert (out / "moons" / "compare.html").exists() and (out / "moons" / "baseline-sigmoid" / "report.html").exists()
+
+
+def test_demo_lists_scenarios_and_refuses_an_unknown_one(tmp_path):
+    res = gw("demo", "--list", cwd=tmp_path)
+    assert res.returncode == 0 and all(name in res.stdout for name in ("circles", "moons", "exploding", "regression", "grid"))
+    res = gw("demo", "mnist", cwd=tmp_path)
+    assert res.returncode == 2 and "no scenario named 'mnist'" in res.stderr and "Traceback" not in res.stderr
