@@ -64,17 +64,20 @@ def test_reinit_is_reproducible_and_restricted_to_named_layers() -> None:
 
 def test_swap_activations_replaces_modules_and_reports() -> None:
     model = _mlp(nn.Sigmoid)
-    report = S.swap_activations(model, nn.Sigmoid, "leaky_relu", negative_slope=0.2, skip=["7"])
-    assert [type(m).__name__ for m in model] == ["Linear", "LeakyReLU", "Linear", "LeakyReLU", "Linear", "LeakyReLU", "Linear", "Sigmoid"]
+    report = S.swap_activations(model, nn.Sigmoid, "leaky_relu", negative_slope=0.2, skip=["3"])
+    assert [type(m).__name__ for m in model] == ["Linear", "LeakyReLU", "Linear", "Sigmoid", "Linear", "LeakyReLU", "Linear", "Sigmoid"]
     assert model[1].negative_slope == 0.2
-    assert len(report.changed) == 3 and report.skipped == ["7: kept, as asked"]
+    assert len(report.changed) == 2
+    assert report.skipped == ["3: kept, as asked", "7: the output activation, kept (keep_output=False swaps it too)"]
+    S.swap_activations(model, nn.Sigmoid, nn.Tanh, keep_output=False)
+    assert type(model[7]).__name__ == "Tanh"
     assert model(torch.randn(4, 20)).shape == (4, 1)
 
 
 @pytest.mark.parametrize("new", ["relu", "rrelu", "prelu", "elu", "selu", "swish", "tanh", nn.LeakyReLU])
 def test_swap_to_each_seed_activation(new) -> None:  # type: ignore[no-untyped-def]
     model = _mlp(nn.Sigmoid)
-    S.swap_activations(model, "sigmoid", new, skip=["7"])
+    S.swap_activations(model, "sigmoid", new)
     assert model(torch.randn(3, 20)).shape == (3, 1)
 
 

@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a training script with monitoring attached to every optimizer it creates")
     _add_watch_options(run)
     _add_guard_options(run)
+    # For gradwatch doctor's trial runs (kept out of --help): stop after N steps, seed, remedies as JSON.
+    run.add_argument("--max-steps", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--treatment", default=None, help=argparse.SUPPRESS)
     run.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name, as in python -m")
     run.add_argument("target", metavar="SCRIPT", help="the training script (or module with -m)")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments passed to the script")
@@ -134,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_dirs", metavar="DIR", nargs="+", help="run directories written by gradwatch")
     cmp_.add_argument("--out", metavar="FILE", default="gradwatch-compare.html", help="the page to write (default gradwatch-compare.html)")
 
+    doc = sub.add_parser("doctor", help="diagnose a training script, try the remedies on it, and prove the best one")
+    doc.add_argument("--out", metavar="DIR", help="where the runs go (default: gradwatch-runs/doctor-NAME-TIME)")
+    doc.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                     help="optimizer steps per trial (default: the whole script)")
+    doc.add_argument("--trials", type=_positive_int, default=6, metavar="K", help="remedies to try at most (default 6)")
+    doc.add_argument("--budget", type=_positive_float, default=600.0, metavar="SECONDS", help="time for all runs (default 600)")
+    doc.add_argument("--metric", default="loss", metavar="NAME",
+                     help="what the script prints to rank by, e.g. accuracy (default loss; acc/accuracy/auc/f1 are maximised)")
+    doc.add_argument("--seed", type=int, default=0, help="seed for every run (default 0)")
+    doc.add_argument("-m", dest="module", action="store_true", help="SCRIPT is a module name, as in python -m")
+    doc.add_argument("target", metavar="SCRIPT", help="the training script")
+    doc.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments passed to the script")
+
     demo = sub.add_parser("demo", help="the seed articles' experiments: train, diagnose, fix, compare (see --list)")
     _add_watch_options(demo)
     demo.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenarios to run (default: all; see --list)")
@@ -149,7 +166,21 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 
     if not ns.module and not os.path.isfile(ns.target):
         raise GradwatchError(f"no such script: {ns.target}; give the path of a Python training script (or -m MODULE).")
-    code, w = run_script(ns.target, ns.args, module=ns.module, out=ns.out, **_watch_options(ns))
+    treatment = None
+    if ns.treatment:
+        import json
+
+        from .treatment import Treatment
+
+        try:
+            treatment = Treatment(json.loads(ns.treatment))
+        except (ValueError, TypeError, KeyError) as e:
+            raise GradwatchError(f"--treatment takes a JSON list of remedies ({e}).") from None
+    code, w = run_script(ns.target, ns.args, module=ns.module, out=ns.out, max_steps=ns.max_steps, seed=ns.seed,
+                         treatment=treatment, **_watch_options(ns))
+    if treatment is not None and treatment.log:
+        for line in treatment.log:
+            print(f"gradwatch: applied {line}", file=sys.stderr)
     if w.layers:
         print_summary(w.run, _err)
         print_findings(w.findings, _err)
@@ -190,6 +221,65 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     path, rows = write_compare(ns.run_dirs, ns.out)
     Console(highlight=False).print(table(rows))
     print(f"gradwatch: comparison written to {path}", file=sys.stderr)
+    return 0
+
+
+def _fmt(x: float) -> str:
+    return "-" if x != x else f"{x:.4g}"
+
+
+def _cmd_doctor(ns: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .doctor import doctor
+    from .watch import default_out
+
+    name = ns.target.rsplit(".", 1)[-1] if ns.module else Path(ns.target).stem
+    out = Path(ns.out) if ns.out else default_out(f"doctor-{name}")
+    _err.print(f"[bold]gradwatch doctor[/bold] {ns.target}: baseline, then up to {ns.trials} remedies "
+               f"({'the whole script' if not ns.steps else f'{ns.steps} steps'} each, seed {ns.seed}, budget {ns.budget:.0f} s)")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=_err, transient=True) as bar:
+        task = bar.add_task("baseline", total=None)
+
+        def progress(label: str, done: int, total: int) -> None:
+            bar.update(task, description=f"running {label}", completed=done, total=total)
+
+        rep = doctor(ns.target, ns.args, out=out, steps=ns.steps, trials=ns.trials, budget=ns.budget, metric=ns.metric,
+                     seed=ns.seed, module=ns.module, say=lambda s: _err.print(f"gradwatch: {s}"), progress=progress)
+    base = rep.baseline
+    _err.print(f"baseline: {', '.join(base.problems) or 'no problem'}; {ns.metric} {_fmt(base.metric)}, "
+               f"loss {_fmt(base.loss)} over {base.steps} steps")
+    if not rep.trials:
+        if not base.problems:
+            _err.print("[green]Healthy[/green]: no warning or error, so nothing was changed.")
+        return 0
+    t = Table(title=f"remedies tried on {ns.target} (from the same seed)", title_justify="left")
+    for col in ("remedy", "problems left", ns.metric, "loss (last 10%)", "steps", "time"):
+        t.add_column(col, justify="right" if col not in ("remedy", "problems left") else "left")
+    for r in [base, *rep.trials]:
+        left = "failed: " + r.error if r.error and not r.steps else ", ".join(r.problems) or "none"
+        mark = " [bold green]<- best[/bold green]" if r is rep.best else ""
+        t.add_row(r.label + mark, left, _fmt(r.metric), _fmt(r.loss), str(r.steps), f"{r.seconds:.1f} s")
+    _err.print(t)
+    for line in rep.advice:
+        _err.print(f"  needs a code change: {line}")
+    if rep.best is None:
+        _err.print("[red]No remedy removed the problems and kept the run finite.[/red] See the table and the findings.")
+    else:
+        conf, bf = rep.confirmed, rep.baseline_full
+        if conf is not None and bf is not None:
+            which = "the trial ran the whole script" if conf is rep.best else "by a run of the whole script"
+            _err.print(f"[bold]Best: {rep.best.label}[/bold] — confirmed ({which}): {ns.metric} {_fmt(bf.metric)} -> "
+                       f"{_fmt(conf.metric)}, loss {_fmt(bf.loss)} -> {_fmt(conf.loss)}, problems left: "
+                       f"{', '.join(conf.problems) or 'none'}.")
+            for line in conf.applied:
+                _err.print(f"  applied {line}")
+        else:
+            _err.print(f"[bold]Best: {rep.best.label}[/bold] (no time left to confirm it with a whole run).")
+    if rep.compare is not None:
+        _err.print(f"Side by side: [bold]{rep.compare}[/bold]")
     return 0
 
 
@@ -234,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(ns)
         if ns.command == "demo":
             return _cmd_demo(ns)
+        if ns.command == "doctor":
+            return _cmd_doctor(ns)
         if ns.command == "diagnose":
             return _cmd_diagnose(ns)
         if ns.command == "report":

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import runpy
@@ -107,11 +108,17 @@ class _LossCapture:
         torch.autograd.backward = self._orig_autograd_backward  # type: ignore[assignment]
 
 
+class StepLimitReached(BaseException):
+    """Raised from the optimizer's post-step hook after ``max_steps`` steps: a trial run is over.
+    A BaseException, so that a script's ``except Exception`` does not swallow it."""
+
+
 class _GlobalHooks:
     """torch's global optimizer step hooks, feeding every optimizer's steps to one Watch."""
 
-    def __init__(self, watch: Watch):
+    def __init__(self, watch: Watch, max_steps: int | None = None):
         self._watch = watch
+        self._max_steps = max_steps
         self._handles: list[Any] = []
         self._refused: set[int] = set()
 
@@ -134,6 +141,8 @@ class _GlobalHooks:
     def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if id(optimizer) in self._watch._attached:
             self._watch.on_after_optimizer_step(optimizer)
+        if self._max_steps is not None and self._watch.steps >= self._max_steps:
+            raise StepLimitReached()
 
     def __enter__(self) -> "_GlobalHooks":
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -173,14 +182,32 @@ def run_script(
     *,
     module: bool = False,
     out: str | os.PathLike[str] | None = None,
+    max_steps: int | None = None,
+    seed: int | None = None,
+    treatment: Any = None,
     **watch_options: Any,
 ) -> tuple[int, Watch]:
     """Run a script (or ``-m`` module) as ``python`` would, recording every optimizer it steps.
 
+    Args:
+        max_steps: stop the script (cleanly, exit code 0) after this many optimizer steps.
+        seed: seed Python's, numpy's and torch's generators before the script starts.
+        treatment: a :class:`~gradwatch.treatment.Treatment` installed while the script runs
+            (remedies applied from outside; its guards join the watch's).
     Returns:
         the script's exit code, and the :class:`~gradwatch.watch.Watch` (closed) that recorded it.
     """
     name = target.rsplit(".", 1)[-1] if module else Path(target).stem
+    if treatment is not None and treatment.guards:
+        watch_options["guards"] = list(watch_options.get("guards") or []) + treatment.guards
+    if seed is not None:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
     w = Watch(out=out if out is not None else default_out(name), _lazy=True, **watch_options)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [target, *args]
@@ -189,12 +216,18 @@ def run_script(
         sys.path[0:1] = [str(Path(target).resolve().parent)]
     code, status = 0, "finished"
     try:
-        with _GlobalHooks(w), _LossCapture(w):
+        with contextlib.ExitStack() as stack:
+            if treatment is not None:
+                stack.enter_context(treatment)  # first: its hooks run before the watch's
+            stack.enter_context(_GlobalHooks(w, max_steps))
+            stack.enter_context(_LossCapture(w))
             try:
                 if module:
                     runpy.run_module(target, run_name="__main__", alter_sys=True)
                 else:
                     runpy.run_path(target, run_name="__main__")
+            except StepLimitReached:
+                code, status = 0, "finished"
             except SystemExit as e:
                 code = _exit_code(e)
                 status = "finished" if code == 0 else "exited"

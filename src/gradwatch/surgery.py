@@ -183,15 +183,27 @@ def _functional_calls(model: nn.Module, name: str) -> list[str]:
     return hits
 
 
-def swap_activations(model: nn.Module, old: Any = nn.Sigmoid, new: Any = nn.ReLU, **kwargs: Any) -> SurgeryReport:
+def _output_activations(model: nn.Module) -> set[str]:
+    """Activation modules after the model's last weight layer (in module order): they shape the
+    output the loss reads (a sigmoid before BCE), not the gradient flow between layers."""
+    order = list(model.named_modules())
+    last = max((i for i, (_, m) in enumerate(order) if isinstance(m, WEIGHT_LAYERS)), default=-1)
+    return {p for i, (p, m) in enumerate(order) if i > last and isinstance(m, ACTIVATION_TYPES)}
+
+
+def swap_activations(
+    model: nn.Module, old: Any = nn.Sigmoid, new: Any = nn.ReLU, *, keep_output: bool = True, **kwargs: Any
+) -> SurgeryReport:
     """Replace every activation module of type ``old`` with a fresh ``new(**kwargs)``.
 
-    The output activation is replaced too if it is an ``old``: give ``skip=["path"]`` to keep one.
-    Refuses when the model applies ``old`` as a function inside ``forward`` (it cannot be reached
-    from outside: change the code, or make the activation a module).
+    The output activation (after the last Linear/Conv) is kept unless ``keep_output=False``: it
+    maps the output to what the loss expects. ``skip=["path"]`` keeps others. Refuses when the
+    model applies ``old`` as a function inside ``forward`` (it cannot be reached from outside:
+    change the code, or make the activation a module).
     """
     _check_model(model)
     skip = set(kwargs.pop("skip", []))
+    outputs = _output_activations(model) if keep_output else set()
     old_cls, new_cls = _activation_class(old, "old"), _activation_class(new, "new")
     try:
         new_cls(**kwargs)
@@ -210,6 +222,9 @@ def swap_activations(model: nn.Module, old: Any = nn.Sigmoid, new: Any = nn.ReLU
     for path, _ in targets:
         if path in skip:
             report.skipped.append(f"{path}: kept, as asked")
+            continue
+        if path in outputs:
+            report.skipped.append(f"{path}: the output activation, kept (keep_output=False swaps it too)")
             continue
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

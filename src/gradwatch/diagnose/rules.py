@@ -57,6 +57,10 @@ SPIKE_Z = 8.0
 SPIKE_UNDO = 0.25
 SPIKE_WINDOW = 50
 SPIKE_WARMUP = 20
+#: A spike the loss recovers from within this many steps (median back within 3 robust SDs of its
+#: level) is an outlier batch (a hard or mislabelled example late in training); when every spike is
+#: one, the finding is info, not a warning: training itself is stable.
+SPIKE_RECOVER = 10
 #: Stalled: over at least this many steps, the loss improved by less than this fraction and
 #: the updates are tiny (median update ratio below STALL_UPDATE).
 STALL_MIN_STEPS = 200
@@ -488,21 +492,31 @@ def loss_spike(run: RunLike) -> Finding | None:
         return None
     t0, z0 = spikes[0]
     top = max(spikes, key=lambda s: s[1])
+
+    def recovered(t: int) -> bool:
+        after = clean[t + 1 : t + 1 + SPIKE_RECOVER]
+        after = after[np.isfinite(after)]
+        return after.size >= 3 and float(np.median(after)) <= med[t] + 3 * scale[t]
+
+    isolated = all(recovered(t) for t, _ in spikes)
     return Finding(
         kind="loss_spike",
-        severity="warning",
+        severity="info" if isolated else "warning",
         first_step=int(run.steps[t0]),
         last_step=int(run.steps[spikes[-1][0]]),
         layers=[],
         summary=(
             f"loss_spike at step {int(run.steps[t0])}: the loss jumped to {_f(float(loss[t0]))}, "
             f"{z0:.0f} robust standard deviations above the previous {SPIKE_WINDOW} steps "
-            f"({len(spikes)} spike step{'s' if len(spikes) > 1 else ''})."
+            f"({len(spikes)} spike step{'s' if len(spikes) > 1 else ''})"
+            + ("; each time the loss was back at its level right after: outlier batches, not unstable training."
+               if isolated else ".")
         ),
         evidence={
             "spike_steps": [int(run.steps[t]) for t, _ in spikes[:50]],
             "max_z": float(top[1]),
             "threshold_z": SPIKE_Z,
+            "recovered_at_once": isolated,
         },
         remedies=R.for_loss_spike(),
     )

@@ -1,0 +1,188 @@
+"""Remedies applied to an unmodified training script, from outside (what ``gradwatch doctor`` tries).
+
+A remedy is a finding's ``{"action": ..., "args": ...}``. How each is applied without editing the
+script:
+
+* ``clip_norm``, ``clip_value``, ``skip_nonfinite``, ``rollback``: guards, through the runner's watch;
+* ``scale_lr``, ``weight_decay``: every param group of each optimizer, just before its first step;
+* ``set_optimizer``: the ``torch.optim`` classes the script constructs are replaced, while it runs,
+  by the named optimizer (keeping the parameters and param groups it passes);
+* ``swap_activation``, ``reinit``, ``insert_norm``: model surgery, on the model's first forward
+  call, before any gradient exists (new parameters join the optimizers that hold the model's).
+
+Actions that need the code itself (``scale_targets``, ``check_data``, ``reduce_depth``) are not
+applicable; :func:`applicable` says why.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from . import surgery
+from .errors import GradwatchError
+from .guards import ClipNorm, ClipValue, Guard, Rollback, SkipNonFinite
+
+GUARD_ACTIONS = {"clip_norm", "clip_value", "skip_nonfinite", "rollback"}
+STEP_ACTIONS = {"scale_lr", "weight_decay"}
+SURGERY_ACTIONS = {"swap_activation", "reinit", "insert_norm"}
+NEEDS_CODE = {
+    "scale_targets": "standardise the targets in the script (e.g. sklearn's StandardScaler)",
+    "check_data": "look for NaN/Inf in the input data",
+    "reduce_depth": "remove layers from the model definition",
+}
+
+
+def applicable(remedy: dict[str, Any]) -> str | None:
+    """None if the remedy can be applied from outside; else what to do by hand."""
+    action = remedy.get("action")
+    if action in GUARD_ACTIONS | STEP_ACTIONS | SURGERY_ACTIONS or action == "set_optimizer":
+        return None
+    return NEEDS_CODE.get(str(action), f"{action} is not something gradwatch can apply from outside")
+
+
+def describe(remedy: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={v}" for k, v in remedy.get("args", {}).items())
+    return f"{remedy['action']}({args})"
+
+
+def guards_for(remedies: Iterable[dict[str, Any]]) -> list[Guard]:
+    out: list[Guard] = []
+    for r in remedies:
+        a, args = r["action"], r.get("args", {})
+        if a == "clip_norm":
+            out.append(ClipNorm(args.get("max_norm", 1.0)))
+        elif a == "clip_value":
+            out.append(ClipValue(args.get("value", 5.0)))
+        elif a == "skip_nonfinite":
+            out.append(SkipNonFinite())
+        elif a == "rollback":
+            out.append(Rollback(lr_factor=args.get("lr_factor", 0.5), skip_batches=args.get("skip_batches", 0)))
+    return out
+
+
+_OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad"}
+
+
+class Treatment:
+    """Installs remedies around a script run; :meth:`uninstall` puts everything back."""
+
+    def __init__(self, remedies: Iterable[dict[str, Any]]):
+        self.remedies = [dict(r) for r in remedies]
+        for r in self.remedies:
+            why = applicable(r)
+            if why is not None:
+                raise GradwatchError(f"{describe(r)} cannot be applied from outside the script: {why}.")
+        self.guards = guards_for(self.remedies)
+        self.log: list[str] = []  # what was applied, and where
+        self._undo: list[Any] = []
+        self._stepped: set[int] = set()
+        self._done_surgery = False
+
+    # -- install / uninstall ----------------------------------------------------------------------
+
+    def install(self) -> "Treatment":
+        from torch.nn.modules.module import register_module_forward_pre_hook
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        if any(r["action"] in STEP_ACTIONS for r in self.remedies):
+            h = register_optimizer_step_pre_hook(self._first_step)
+            self._undo.append(h.remove)
+        if any(r["action"] in SURGERY_ACTIONS for r in self.remedies):
+            h = register_module_forward_pre_hook(self._first_forward)
+            self._forward_hook = h
+            self._undo.append(h.remove)
+        for r in self.remedies:
+            if r["action"] == "set_optimizer":
+                self._swap_optimizer_classes(r.get("args", {}))
+        return self
+
+    def uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def __enter__(self) -> "Treatment":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.uninstall()
+
+    # -- optimizer classes ------------------------------------------------------------------------
+
+    def _swap_optimizer_classes(self, args: dict[str, Any]) -> None:
+        name = _OPTIMIZER_NAMES.get(str(args.get("name", "Adam")).lower())
+        if name is None:
+            raise GradwatchError(f"set_optimizer knows {', '.join(_OPTIMIZER_NAMES.values())}; got {args.get('name')!r}.")
+        target: type[torch.optim.Optimizer] = getattr(torch.optim, name)
+        options = {k: v for k, v in args.items() if k != "name"}
+        log = self.log
+
+        def make(original: type) -> type:
+            class Swapped(target):  # type: ignore[misc, valid-type]
+                def __init__(self, params: Any, *a: Any, **k: Any) -> None:
+                    target.__init__(self, params, **options)
+                    log.append(f"{original.__name__}(...) -> {name}({', '.join(f'{k}={v}' for k, v in options.items())})")
+
+            Swapped.__name__ = Swapped.__qualname__ = name  # the record names what really trains
+            return Swapped
+
+        for attr in dir(torch.optim):
+            cls = getattr(torch.optim, attr)
+            if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
+                setattr(torch.optim, attr, make(cls))
+                self._undo.append(lambda attr=attr, cls=cls: setattr(torch.optim, attr, cls))
+
+    # -- first step -------------------------------------------------------------------------------
+
+    def _first_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if id(optimizer) in self._stepped:
+            return
+        self._stepped.add(id(optimizer))
+        for r in self.remedies:
+            a, rargs = r["action"], r.get("args", {})
+            if a not in STEP_ACTIONS:
+                continue
+            for group in optimizer.param_groups:
+                if a == "scale_lr" and isinstance(group.get("lr"), (int, float)):
+                    group["lr"] = group["lr"] * rargs.get("factor", 0.1)
+                elif a == "scale_lr" and isinstance(group.get("lr"), torch.Tensor):
+                    group["lr"].mul_(rargs.get("factor", 0.1))
+                elif a == "weight_decay" and "weight_decay" in group:
+                    group["weight_decay"] = rargs.get("l2", 1e-2)
+            self.log.append(f"{describe(r)} on {type(optimizer).__name__} before its first step")
+
+    # -- first forward: surgery -----------------------------------------------------------------
+
+    def _first_forward(self, module: nn.Module, args: Any) -> None:
+        if self._done_surgery or not any(True for _ in module.parameters()):
+            return  # wait for the model (a parameter-free module may run first)
+        self._done_surgery = True
+        self._forward_hook.remove()
+        for r in self.remedies:
+            a, rargs = r["action"], r.get("args", {})
+            if a == "swap_activation":
+                extra = {k: v for k, v in rargs.items() if k not in ("from", "to", "init")}
+                rep = surgery.swap_activations(module, rargs.get("from", "Sigmoid"), rargs.get("to", "ReLU"), **extra)
+                self.log.append(str(rep))
+                if rargs.get("init"):
+                    self.log.append(str(surgery.reinit(module, rargs["init"])))
+            elif a == "reinit":
+                self.log.append(str(surgery.reinit(module, rargs.get("scheme", "glorot_uniform"), bias=rargs.get("bias", 0.0))))
+            elif a == "insert_norm":
+                rep = surgery.insert_norm(module, rargs.get("kind", "batch"))
+                self._add_to_optimizers(module, rep.new_parameters)
+                self.log.append(str(rep))
+
+    def _add_to_optimizers(self, model: nn.Module, new: list[nn.Parameter]) -> None:
+        if not new:
+            return
+        owned = {id(p) for p in model.parameters()}
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.optim.Optimizer) and any(id(p) in owned for g in obj.param_groups for p in g["params"]):
+                group = {k: v for k, v in obj.param_groups[0].items() if k != "params"}
+                obj.add_param_group({**group, "params": new})
+                self.log.append(f"{len(new)} new parameters joined {type(obj).__name__}")
+                return
