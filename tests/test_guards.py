@@ -627,6 +627,7 @@ def test_rollback_with_two_optimizers_restores_only_its_own(tmp_path: Path) -> N
                 o.step()
                 if m is b and step == 40:
                     b_after = [p.detach().clone() for p in b.parameters()]
+    assert [f.step for f in inj.injected] == [33]
     chains = [att.guards for att in w._attached.values()]
     assert len(chains[0].guards[0].events) == 1 and not chains[1].guards[0].events
     # A rolled back at its step 40 (after B's step 39); B's weights moved on normally.

@@ -109,7 +109,7 @@ def test_insert_norm_wraps_layers_and_joins_the_optimizer() -> None:
     loss = model(x).mean()
     loss.backward()
     opt.step()  # the new parameters train
-    assert report.changed[-1].startswith("6 new parameters added to Adam")
+    assert report.changed[-1].startswith("(optimizer) 6 new parameters joined Adam")
 
 
 def test_insert_layer_norm_on_conv_and_3d_linear() -> None:

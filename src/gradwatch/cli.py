@@ -249,14 +249,14 @@ def _cmd_doctor(ns: argparse.Namespace) -> int:
         rep = doctor(ns.target, ns.args, out=out, steps=ns.steps, trials=ns.trials, budget=ns.budget, metric=ns.metric,
                      seed=ns.seed, module=ns.module, say=lambda s: _err.print(f"gradwatch: {s}"), progress=progress)
     base = rep.baseline
-    _err.print(f"baseline: {', '.join(base.problems) or 'no problem'}; {ns.metric} {_fmt(base.metric)}, "
-               f"loss {_fmt(base.loss)} over {base.steps} steps")
+    _err.print(f"baseline: {', '.join(base.problems) or 'no problem'}; printed {ns.metric} {_fmt(base.metric)}, "
+               f"recorded loss {_fmt(base.loss)} over {base.steps} steps")
     if not rep.trials:
         if not base.problems:
             _err.print("[green]Healthy[/green]: no warning or error, so nothing was changed.")
         return 0
     t = Table(title=f"remedies tried on {ns.target} (from the same seed)", title_justify="left")
-    for col in ("remedy", "problems left", ns.metric, "loss (last 10%)", "steps", "time"):
+    for col in ("remedy", "problems left", f"printed {ns.metric}", "recorded loss (last 10%)", "steps", "time"):
         t.add_column(col, justify="right" if col not in ("remedy", "problems left") else "left")
     for r in [base, *rep.trials]:
         left = "failed: " + r.error if r.error and not r.steps else ", ".join(r.problems) or "none"
@@ -271,8 +271,8 @@ def _cmd_doctor(ns: argparse.Namespace) -> int:
         conf, bf = rep.confirmed, rep.baseline_full
         if conf is not None and bf is not None:
             which = "the trial ran the whole script" if conf is rep.best else "by a run of the whole script"
-            _err.print(f"[bold]Best: {rep.best.label}[/bold] — confirmed ({which}): {ns.metric} {_fmt(bf.metric)} -> "
-                       f"{_fmt(conf.metric)}, loss {_fmt(bf.loss)} -> {_fmt(conf.loss)}, problems left: "
+            _err.print(f"[bold]Best: {rep.best.label}[/bold] — confirmed ({which}): printed {ns.metric} {_fmt(bf.metric)} -> "
+                       f"{_fmt(conf.metric)}, recorded loss {_fmt(bf.loss)} -> {_fmt(conf.loss)}, problems left: "
                        f"{', '.join(conf.problems) or 'none'}.")
             for line in conf.applied:
                 _err.print(f"  applied {line}")

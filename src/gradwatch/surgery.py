@@ -314,5 +314,5 @@ def insert_norm(
     if optimizer is not None and report.new_parameters:
         group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         optimizer.add_param_group({**group, "params": report.new_parameters})
-        report.changed.append(f"{len(report.new_parameters)} new parameters added to {type(optimizer).__name__} as a param group")
+        report.changed.append(f"(optimizer) {len(report.new_parameters)} new parameters joined {type(optimizer).__name__} as a param group")
     return report
