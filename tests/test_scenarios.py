@@ -23,3 +23,4 @@ def test_scenario_reproduces_the_seed(tmp_path: Path, name: str) -> None:
     assert (tmp_path / "compare.html").stat().st_size > 10_000
     for r in results:
         assert gw.load_run(r.out).status == "finished"
+        assert (Path(r.out) / "report.html").exists() == scenario.reports

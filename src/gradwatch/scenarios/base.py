@@ -56,6 +56,7 @@ class Scenario:
     epochs: int  # the default (quick) budget
     full_epochs: int  # the seed's own
     note: str = ""  # what differs from the seed (data stand-ins, budgets)
+    reports: bool = False  # write each variant's report.html (the seed shows per-layer plots of each)
     #: The qualitative result the seed reports, checked on our results: (description, predicate).
     expectations: list[tuple[str, Callable[[dict[str, "VariantResult"]], bool]]] = field(default_factory=list)
 
@@ -179,6 +180,10 @@ def run_scenario(
     results = []
     for v in variants_of(scenario, full):
         results.append(run_variant(v, root / slug(v.label), epochs=epochs, seed=seed, progress=progress, **watch_options))
+        if scenario.reports:
+            from ..report.html import write_report
+
+            write_report(results[-1].out)
     write_compare([r.out for r in results], root / "compare.html")
     return results
 

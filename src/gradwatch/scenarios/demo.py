@@ -79,5 +79,7 @@ def run_demo(
             mark = "[green]reproduced[/green]" if ok else "[red]not reproduced[/red]"
             console.print(f"  {mark}: {text}")
         console.print(f"  side by side: [bold]{root / sc.name / 'compare.html'}[/bold]")
+        if sc.reports:
+            console.print(f"  per-layer weight and gradient plots: [bold]{root / sc.name}/*/report.html[/bold]")
         done.append((sc, results))
     return done

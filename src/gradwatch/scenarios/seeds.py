@@ -87,7 +87,9 @@ CIRCLES = Scenario(
     ],
     epochs=100,
     full_epochs=100,
-    note="accuracy on the 1000 training points, as the seed scores it; make_circles random_state 0 (the seed sets none)",
+    note="accuracy on the 1000 training points, as the seed scores it; make_circles random_state 0 (the seed sets none); "
+         "each variant's report.html has the seed's weight and gradient mean/std plots per layer",
+    reports=True,
     expectations=[
         ("sigmoid ends far below tanh and relu (by > 0.1) and its gradients vanish", lambda r: (
             r["sigmoid"].score < min(r["tanh"].score, r["relu"].score) - 0.1
