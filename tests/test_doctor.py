@@ -117,3 +117,85 @@ def test_remedies_that_need_code_are_refused() -> None:
 def test_parse_metric(text: str, name: str, value: float) -> None:
     got = parse_metric(text, name)
     assert (math.isnan(got) and math.isnan(value)) or got == pytest.approx(value)
+
+
+# ----------------------------------------------------------------------------- found in review
+
+
+def test_ranking_falls_back_to_the_recorded_loss_when_the_metric_is_missing() -> None:
+    from gradwatch.doctor import TrialResult, rank_key
+
+    base = TrialResult("baseline", [], Path("b"), 0, 1.0, problems=["nonfinite"])
+    a = TrialResult("a", [], Path("a"), 0, 1.0, loss=2.5e4)
+    b = TrialResult("b", [], Path("b"), 0, 1.0, loss=1.7e3)
+    ranked = sorted([a, b], key=lambda r: rank_key(r, base, maximise=True, by_metric=False))
+    assert ranked[0] is b
+    failed = TrialResult("c", [], Path("c"), -1, 1.0, loss=1.0, error="timed out after 9 s (the budget)")
+    assert rank_key(failed, base, True, False)[0] is True, "a failed trial is never best"
+
+
+def _gw(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gradwatch", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_doctor_says_the_baseline_timed_out_instead_of_calling_it_healthy(tmp_path: Path) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text("import time, torch\n"
+                      "p = torch.nn.Parameter(torch.zeros(2)); o = torch.optim.SGD([p], lr=0.1)\n"
+                      "for _ in range(3):\n    p.sum().backward(); o.step()\n"
+                      "time.sleep(120)\n")
+    res = _gw("doctor", "--budget", "6", "--out", str(tmp_path / "runs"), str(script))
+    assert res.returncode == 2 and "did not finish within the budget of 6 s" in res.stderr
+    assert "Healthy" not in res.stderr
+
+
+def test_doctor_names_the_scripts_own_error(tmp_path: Path) -> None:
+    script = tmp_path / "crash.py"
+    script.write_text("raise RuntimeError('the data file is missing')\n")
+    res = _gw("doctor", "--out", str(tmp_path / "runs"), str(script))
+    assert res.returncode == 2 and "RuntimeError: the data file is missing" in res.stderr
+
+
+def test_a_remedy_that_does_not_fit_the_model_voids_the_trial_in_one_line(tmp_path: Path) -> None:
+    script = tmp_path / "functional.py"
+    script.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__(); self.a = nn.Linear(2, 4); self.b = nn.Linear(4, 1)\n"
+        "    def forward(self, x):\n        return self.b(torch.sigmoid(self.a(x)))\n"
+        "m = Net(); o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "for _ in range(3):\n    o.zero_grad(); m(torch.randn(4, 2)).sum().backward(); o.step()\n")
+    res = _gw("run", "--out", str(tmp_path / "r"), "--no-report", "--treatment",
+              '[{"action": "swap_activation", "args": {"from": "Sigmoid", "to": "ReLU"}}]', str(script))
+    assert res.returncode == 3, res.stderr
+    assert "the remedy could not be applied: Net: Net.forward calls sigmoid as a function" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+GROUPS = """
+import torch
+from torch import nn
+m = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+opt = torch.optim.SGD([{"params": m[0].parameters(), "lr": 0.5, "momentum": 0.9}, {"params": m[2].parameters()}], lr=0.1)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+for _ in range(3):
+    opt.zero_grad(); m(torch.randn(4, 2)).sum().backward(); opt.step(); sched.step()
+print("lrs", [g["lr"] for g in opt.param_groups])
+"""
+
+
+def test_set_optimizer_uses_its_own_lr_for_every_group(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "groups.py"
+    p.write_text(GROUPS)
+    code, _ = run_script(str(p), out=tmp_path / "r", quiet=True, report=False,
+                         treatment=Treatment([{"action": "set_optimizer", "args": {"name": "Adam", "lr": 0.008}}]))
+    assert code == 0 and "lrs [0.008, 0.008]" in capsys.readouterr().out
+
+
+def test_scale_lr_survives_a_scheduler_that_recomputes_from_base_lrs(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "groups.py"
+    p.write_text(GROUPS)
+    code, _ = run_script(str(p), out=tmp_path / "r", quiet=True, report=False,
+                         treatment=Treatment([{"action": "scale_lr", "args": {"factor": 0.1}}]))
+    out = capsys.readouterr().out
+    assert code == 0 and "lrs [0.05, 0.01]" in out.replace("0.05000000000000001", "0.05").replace("0.010000000000000002", "0.01"), out

@@ -68,7 +68,9 @@ def test_swap_activations_replaces_modules_and_reports() -> None:
     assert [type(m).__name__ for m in model] == ["Linear", "LeakyReLU", "Linear", "Sigmoid", "Linear", "LeakyReLU", "Linear", "Sigmoid"]
     assert model[1].negative_slope == 0.2
     assert len(report.changed) == 2
-    assert report.skipped == ["3: kept, as asked", "7: the output activation, kept (keep_output=False swaps it too)"]
+    assert report.skipped == ["3: kept, as asked",
+                              "7: the output activation (in registration order; pass example= for the execution "
+                              "order), kept (keep_output=False swaps it too)"]
     S.swap_activations(model, nn.Sigmoid, nn.Tanh, keep_output=False)
     assert type(model[7]).__name__ == "Tanh"
     assert model(torch.randn(4, 20)).shape == (4, 1)
@@ -102,14 +104,14 @@ def test_insert_norm_wraps_layers_and_joins_the_optimizer() -> None:
     report = S.insert_norm(model, "batch", optimizer=opt)
     assert [type(m).__name__ for m in model[0]] == ["Linear", "FeatureBatchNorm"]
     assert isinstance(model[6], nn.Linear), "the output layer is left alone"
-    assert len(opt.param_groups) == 2 and len(opt.param_groups[1]["params"]) == 6
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 8 + 6  # joined the first group
     x = torch.randn(32, 20)
     out = model[0](x)
     assert out.mean(0).abs().max() < 1e-5 and (out.std(0, unbiased=False) - 1).abs().max() < 1e-3
     loss = model(x).mean()
     loss.backward()
     opt.step()  # the new parameters train
-    assert report.changed[-1].startswith("(optimizer) 6 new parameters joined Adam")
+    assert report.changed[-1].startswith("(optimizer) 6 new parameters joined Adam's first param group")
 
 
 def test_insert_layer_norm_on_conv_and_3d_linear() -> None:
@@ -154,3 +156,93 @@ def test_insert_norm_leaves_a_shared_module_alone() -> None:
 def test_refusals_are_one_sentence(call, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(gw.GradwatchError, match=message):
         call()
+
+
+# ----------------------------------------------------------------------------- found in review
+
+
+def test_a_shared_activation_is_replaced_everywhere_by_one_module() -> None:
+    act = nn.Sigmoid()
+    model = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 1))
+    report = S.swap_activations(model, nn.Sigmoid, nn.ReLU)
+    assert type(model[1]) is nn.ReLU and model[1] is model[3] and len(report.changed) == 2
+
+
+class ListThenAct(nn.Module):
+    """The output activation is registered last but runs after every layer: only execution order tells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 1)  # registered first, runs last
+        self.body = nn.ModuleList([nn.Linear(4, 8), nn.Linear(8, 8)])
+        self.hidden = nn.Sigmoid()
+        self.out = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.body:
+            x = self.hidden(layer(x))
+        return self.out(self.head(x))
+
+
+def test_output_modules_come_from_the_execution_order_with_an_example() -> None:
+    x = torch.randn(3, 4)
+    model = ListThenAct()
+    report = S.swap_activations(model, nn.Sigmoid, nn.ReLU, example=x)
+    assert type(model.hidden) is nn.ReLU and type(model.out) is nn.Sigmoid, report
+    model = ListThenAct()
+    report = S.insert_norm(model, example=x)
+    assert isinstance(model.head, nn.Linear) and all(isinstance(m, nn.Sequential) for m in model.body), report
+    assert model(x).shape == (3, 1)
+
+
+class ReadsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(x @ self.fc.weight.T + self.fc.bias))
+
+
+def test_insert_norm_leaves_layers_whose_weight_is_read_directly() -> None:
+    with pytest.raises(gw.GradwatchError, match="reads self.fc's attributes"):
+        S.insert_norm(ReadsWeight())
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)  # its fast path reads linear1.weight
+    with pytest.raises(gw.GradwatchError, match="TransformerEncoderLayer.forward reads self.linear1's attributes"):
+        S.insert_norm(layer, include_output=True)
+    assert layer(torch.randn(2, 5, 8)).shape == (2, 5, 8)  # untouched, still works
+
+
+def test_insert_norm_twice_does_not_nest_and_an_lr_scheduler_survives() -> None:
+    model = _mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    S.insert_norm(model, optimizer=opt)
+    with pytest.raises(gw.GradwatchError, match="already followed by a norm"):
+        S.insert_norm(model, optimizer=opt)
+    model(torch.randn(8, 20)).sum().backward()
+    opt.step()
+    sched.step()  # one param group, as the scheduler expects
+
+
+class FunctionalVariants(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Docstrings may say sigmoid(Wx) without calling it."""
+        s = "a # in a string"  # noqa: F841
+        return nn.functional.leaky_relu(self.fc(x))
+
+
+def test_functional_call_detection_reads_code_not_text() -> None:
+    assert S._functional_calls(FunctionalVariants(), nn.LeakyReLU) == ["FunctionalVariants"]
+    assert S._functional_calls(FunctionalVariants(), nn.Sigmoid) == []
+
+
+def test_reinit_skips_lazy_layers_with_a_reason() -> None:
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 1))
+    report = S.reinit(model, "he_uniform")
+    assert any("not materialised yet" in s for s in report.skipped) and len(report.changed) == 1

@@ -45,6 +45,16 @@ def _add_watch_options(p: argparse.ArgumentParser) -> None:
                    help="steps between full statistics; the gradient norm is recorded every step (default 50)")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -120,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guard_options(run)
     # For gradwatch doctor's trial runs (kept out of --help): stop after N steps, seed, remedies as JSON.
     run.add_argument("--max-steps", type=_positive_int, default=None, help=argparse.SUPPRESS)
-    run.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--seed", type=_non_negative_int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--treatment", default=None, help=argparse.SUPPRESS)
     run.add_argument("-m", dest="module", action="store_true", help="TARGET is a module name, as in python -m")
     run.add_argument("target", metavar="SCRIPT", help="the training script (or module with -m)")
@@ -146,13 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--budget", type=_positive_float, default=600.0, metavar="SECONDS", help="time for all runs (default 600)")
     doc.add_argument("--metric", default="loss", metavar="NAME",
                      help="what the script prints to rank by, e.g. accuracy (default loss; acc/accuracy/auc/f1 are maximised)")
-    doc.add_argument("--seed", type=int, default=0, help="seed for every run (default 0)")
+    doc.add_argument("--seed", type=_non_negative_int, default=0, help="seed for every run (default 0)")
     doc.add_argument("-m", dest="module", action="store_true", help="SCRIPT is a module name, as in python -m")
     doc.add_argument("target", metavar="SCRIPT", help="the training script")
     doc.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments passed to the script")
 
     demo = sub.add_parser("demo", help="the seed articles' experiments: train, diagnose, fix, compare (see --list)")
-    _add_watch_options(demo)
+    demo.add_argument("--out", metavar="DIR", help="where the runs go (default: gradwatch-runs/demo-TIME)")
+    demo.add_argument("--no-report", action="store_true", help="do not write the baseline's report.html")
+    demo.add_argument("--flush-every", type=_positive_int, default=50, metavar="N", help="steps per device->host copy (default 50)")
+    demo.add_argument("--sample-every", type=_positive_int, default=50, metavar="N", help="steps between full statistics (default 50)")
     demo.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenarios to run (default: all; see --list)")
     demo.add_argument("--full", action="store_true", help="the seeds' own epochs and complete grids (minutes to hours)")
     demo.add_argument("--epochs", type=_positive_int, default=None, help="epochs for every scenario (overrides the defaults)")
@@ -259,7 +272,7 @@ def _cmd_doctor(ns: argparse.Namespace) -> int:
     for col in ("remedy", "problems left", f"printed {ns.metric}", "recorded loss (last 10%)", "steps", "time"):
         t.add_column(col, justify="right" if col not in ("remedy", "problems left") else "left")
     for r in [base, *rep.trials]:
-        left = "failed: " + r.error if r.error and not r.steps else ", ".join(r.problems) or "none"
+        left = "failed: " + r.error if r.error else ", ".join(r.problems) or "none"
         mark = " [bold green]<- best[/bold green]" if r is rep.best else ""
         t.add_row(r.label + mark, left, _fmt(r.metric), _fmt(r.loss), str(r.steps), f"{r.seconds:.1f} s")
     _err.print(t)
@@ -277,7 +290,8 @@ def _cmd_doctor(ns: argparse.Namespace) -> int:
             for line in conf.applied:
                 _err.print(f"  applied {line}")
         else:
-            _err.print(f"[bold]Best: {rep.best.label}[/bold] (no time left to confirm it with a whole run).")
+            _err.print(f"[bold]Best: {rep.best.label}[/bold] (not confirmed by a run of the whole script: no time was left, "
+                       "or it failed; see above).")
     if rep.compare is not None:
         _err.print(f"Side by side: [bold]{rep.compare}[/bold]")
     return 0
@@ -295,6 +309,8 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
         list_scenarios(Console(highlight=False))
         return 0
     out = Path(ns.out) if ns.out else default_out("demo")
+    if out.exists() and not out.is_dir():
+        raise GradwatchError(f"{out} exists and is not a directory; give --out a directory for the runs.")
     _err.print(
         "[bold]gradwatch demo[/bold]: the seed articles' experiments in PyTorch. Each scenario trains the "
         "seed's failing model and its fixes, diagnoses every run and compares them"

@@ -35,8 +35,26 @@ from .errors import GradwatchError
 from .store import load_run
 from .treatment import applicable, describe
 
-#: Metrics where larger is better; anything else is minimised.
-MAXIMISE = ("acc", "accuracy", "auc", "f1", "precision", "recall", "r2", "score")
+#: A metric whose name contains one of these is maximised (val_accuracy, test_acc, f1); others are minimised.
+MAXIMISE = ("acc", "auc", "f1", "precision", "recall", "r2", "score", "iou", "map", "bleu")
+
+
+def maximised(metric: str) -> bool:
+    name = metric.lower()
+    return any(k in name for k in MAXIMISE)
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Stop|Exit|Refused)\b.*")
+
+
+def failure_reason(stderr: str, code: int) -> str:
+    """The line that says why a run failed: the exception of its traceback, or gradwatch's error."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("gradwatch: error:") or _EXCEPTION_LINE.match(line):
+            return line.removeprefix("gradwatch: error: ")
+    tail = [line for line in lines if not line.startswith("gradwatch:")]
+    return tail[-1] if tail else f"exit code {code}"
 
 
 @dataclass
@@ -100,14 +118,18 @@ def run_trial(
     except subprocess.TimeoutExpired as e:
         code = -1
         stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        stderr = "timed out"
+        stderr = ""
     result = TrialResult(label, remedies, out, code, time.perf_counter() - t0)
+    if code == -1:
+        result.error = f"timed out after {result.seconds:.0f} s (the budget)"
+    elif code != 0:
+        result.error = failure_reason(stderr, code)
     result.applied = [line.removeprefix("gradwatch: applied ") for line in stderr.splitlines() if line.startswith("gradwatch: applied ")]
     result.metric = parse_metric(stdout, metric)
     try:
         run = load_run(out)
     except GradwatchError:
-        result.error = (stderr.strip().splitlines() or ["no run was recorded"])[-1]
+        result.error = result.error or "no optimizer step was recorded"
         result.finite = False
         return result
     result.steps = len(run.steps)
@@ -115,8 +137,6 @@ def run_trial(
     result.problems = sorted({f.kind for f in read_findings(out) if f.severity in ("warning", "error")})
     result.loss = _tail_loss(run)
     result.finite = code == 0 and math.isfinite(result.loss) and (math.isnan(result.metric) or math.isfinite(result.metric))
-    if code not in (0, -1):
-        result.error = (stderr.strip().splitlines() or [f"exit code {code}"])[-1]
     return result
 
 
@@ -141,12 +161,16 @@ def candidates(findings: Sequence[Any], limit: int) -> tuple[list[dict[str, Any]
     return tries, advice
 
 
-def rank_key(r: TrialResult, baseline: TrialResult, maximise: bool) -> tuple:
+def rank_key(r: TrialResult, baseline: TrialResult, maximise: bool, by_metric: bool) -> tuple:
+    """Problems gone and finite first; then the printed metric (``by_metric``) or the recorded loss."""
+    ok = r.finite and not r.error
     gone = not (set(r.problems) & set(baseline.problems))
-    value = r.metric if math.isfinite(r.metric) else (math.nan if maximise else r.loss)
+    value = r.metric if by_metric else r.loss
     if not math.isfinite(value):
-        value = -math.inf if maximise else math.inf
-    return (not (gone and r.finite), not r.finite, -value if maximise else value)
+        value = math.inf
+    elif by_metric and maximise:
+        value = -value
+    return (not (gone and ok), not ok, value)
 
 
 @dataclass
@@ -179,20 +203,25 @@ def doctor(
     if not module and not os.path.isfile(script):
         raise GradwatchError(f"no such script: {script}; give the path of a Python training script.")
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise GradwatchError(f"{root} exists and is not a directory; give --out a directory for the runs.")
     root.mkdir(parents=True, exist_ok=True)
-    maximise = metric.lower() in MAXIMISE
+    maximise = maximised(metric)
     deadline = time.perf_counter() + budget
 
     def trial(label: str, remedies: list[dict[str, Any]], n: int | None, sub: str) -> TrialResult:
-        left = deadline - time.perf_counter()
+        left = max(deadline - time.perf_counter(), 1.0)
         return run_trial(script, args, root / sub, label=label, remedies=remedies, steps=n, seed=seed,
                          metric=metric, timeout=left, module=module)
 
     if progress:
         progress("baseline", 0, 1)
     base = trial("baseline (unchanged)", [], steps, "baseline")
+    if base.code == -1:
+        raise GradwatchError(f"the unchanged script did not finish within the budget of {budget:.0f} s, so it cannot be "
+                             "judged; give a larger --budget, or --steps N to try a part of it.")
     if base.error and not base.steps:
-        raise GradwatchError(f"the script did not train under gradwatch ({base.error}); run it with `gradwatch run` to see why.")
+        raise GradwatchError(f"the unchanged script failed before training ({base.error}); run it with `gradwatch run` to see why.")
     findings = [f for f in read_findings(base.out) if f.severity in ("warning", "error")]
     if not findings:
         say("nothing to fix: the baseline run has no warning or error, so doctor changes nothing.")
@@ -200,7 +229,7 @@ def doctor(
     tries, advice = candidates(findings, trials)
     results: list[TrialResult] = []
     for i, remedy in enumerate(tries):
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline - 2.0:
             say(f"time budget of {budget:.0f} s used up: {len(tries) - i} remedies not tried.")
             break
         if progress:
@@ -208,15 +237,22 @@ def doctor(
         results.append(trial(describe(remedy), [remedy], steps, f"trial-{i + 1}"))
     if progress:
         progress("done", len(tries), len(tries))
-    ranked = sorted(results, key=lambda r: rank_key(r, base, maximise))
-    best = ranked[0] if ranked and rank_key(ranked[0], base, maximise)[0] is False else None
+    # The printed metric ranks only where every trial printed it; else the recorded loss does.
+    by_metric = bool(results) and all(math.isfinite(r.metric) for r in results if r.finite and not r.error)
+    if results and not by_metric and metric != "loss":
+        say(f"not every trial printed '{metric}', so the trials are ranked by their recorded loss.")
+    ranked = sorted(results, key=lambda r: rank_key(r, base, maximise, by_metric))
+    best = ranked[0] if ranked and rank_key(ranked[0], base, maximise, by_metric)[0] is False else None
     confirmed = baseline_full = None
     if best is not None:
         if best.complete and base.complete:
             confirmed, baseline_full = best, base
-        elif time.perf_counter() < deadline:
+        elif time.perf_counter() < deadline - 2.0:
             baseline_full = base if base.complete else trial("baseline, whole script", [], None, "baseline-full")
             confirmed = trial(f"{best.label}, whole script", best.remedies, None, "confirm")
+            if confirmed.error or baseline_full.error:
+                say(f"the confirmation could not finish ({confirmed.error or baseline_full.error}).")
+                confirmed = None
     runs = [r.out for r in [base, *results, *([baseline_full] if baseline_full and baseline_full is not base else []),
                             *([confirmed] if confirmed and confirmed is not best else [])] if r.steps]
     compare = write_compare(runs, root / "compare.html")[0] if len(runs) > 1 else None

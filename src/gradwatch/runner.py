@@ -27,6 +27,7 @@ from torch import nn
 
 from .errors import GradwatchError
 from .guards.base import GuardStop
+from .treatment import TreatmentRefused
 from .watch import Watch, default_out
 
 
@@ -228,6 +229,9 @@ def run_script(
                     runpy.run_path(target, run_name="__main__")
             except StepLimitReached:
                 code, status = 0, "finished"
+            except TreatmentRefused as e:  # doctor's remedy does not fit this model: the trial is void
+                print(f"gradwatch: error: the remedy could not be applied: {e}", file=sys.stderr)
+                code, status = 3, "refused"
             except SystemExit as e:
                 code = _exit_code(e)
                 status = "finished" if code == 0 else "exited"

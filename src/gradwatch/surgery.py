@@ -18,8 +18,11 @@ standard deviations, rescaled so its standard deviation is sqrt(scale / fan); bi
 from __future__ import annotations
 
 import inspect
+import io
 import math
 import re
+import textwrap
+import tokenize
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -120,6 +123,9 @@ def reinit(
                 report.skipped.append(f"{path or '(model)'} ({type(m).__name__}): not a Linear/Conv layer, left as it is")
             continue
         w = m.weight
+        if isinstance(w, nn.parameter.UninitializedParameter):
+            report.skipped.append(f"{path} ({type(m).__name__}): not materialised yet (run one forward pass first)")
+            continue
         with torch.no_grad():
             if dist == "orthogonal":
                 act = acts.get(path)
@@ -163,9 +169,33 @@ def _activation_class(spec: Any, what: str) -> type[nn.Module]:
     )
 
 
-def _functional_calls(model: nn.Module, name: str) -> list[str]:
-    """Classes whose ``forward`` calls the activation as a function (``torch.sigmoid(x)``, ``F.relu``)."""
-    pattern = re.compile(rf"(?<![\w.])(?:torch\.|F\.|nn\.functional\.|torch\.nn\.functional\.)?{name}\(|\.{name}\(\)")
+def _functional_names(cls: type[nn.Module]) -> set[str]:
+    """What the activation is called as a function: ``LeakyReLU`` -> ``leaky_relu``, ``SiLU`` -> ``silu``."""
+    name = cls.__name__
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()  # LeakyReLU -> leaky_re_lu
+    names = {name.lower(), snake, snake.replace("re_lu", "relu").replace("si_lu", "silu").replace("ge_lu", "gelu")}
+    return names | {n + "_" for n in names}  # in-place variants: relu_, F.relu_
+
+
+def _code_without_strings(src: str) -> str:
+    """Source with comments, strings and docstrings removed (tokenize knows where they are);
+    tokens are joined by single spaces."""
+    out = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(textwrap.dedent(src)).readline):
+            if tok.type not in (tokenize.COMMENT, tokenize.STRING, tokenize.NL, tokenize.NEWLINE,
+                                tokenize.INDENT, tokenize.DEDENT):
+                out.append(tok.string)
+    except (tokenize.TokenError, IndentationError):
+        return src
+    return " ".join(out)
+
+
+def _functional_calls(model: nn.Module, cls_: type[nn.Module]) -> list[str]:
+    """Classes whose ``forward`` calls the activation as a function (``torch.sigmoid(x)``,
+    ``F.leaky_relu``, ``x.relu_()``)."""
+    alternatives = "|".join(sorted(map(re.escape, _functional_names(cls_)), key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w])(?:{alternatives}) \(")
     hits = []
     seen: set[type] = set()
     for m in model.modules():
@@ -177,41 +207,89 @@ def _functional_calls(model: nn.Module, name: str) -> list[str]:
             src = inspect.getsource(cls.forward)
         except (OSError, TypeError):
             continue
-        code = "\n".join(line.split("#", 1)[0] for line in src.splitlines()[1:])  # no signature, no comments
+        code = _code_without_strings(src)
+        code = code.split(") :", 1)[1] if ") :" in code else code  # drop the signature
         if pattern.search(code):
             hits.append(cls.__name__)
     return hits
 
 
-def _output_activations(model: nn.Module) -> set[str]:
-    """Activation modules after the model's last weight layer (in module order): they shape the
-    output the loss reads (a sigmoid before BCE), not the gradient flow between layers."""
-    order = list(model.named_modules())
-    last = max((i for i, (_, m) in enumerate(order) if isinstance(m, WEIGHT_LAYERS)), default=-1)
-    return {p for i, (p, m) in enumerate(order) if i > last and isinstance(m, ACTIVATION_TYPES)}
+def execution_order(model: nn.Module, example: Any) -> list[str]:
+    """Module paths in the order a forward pass on ``example`` runs them (eval mode, no grad, so
+    neither BatchNorm statistics nor dropout randomness change; training flags are restored)."""
+    order: list[str] = []
+    paths: dict[int, list[str]] = {}
+    for p, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(p)
+    seen_count: dict[int, int] = {}
+
+    def pre(mod: nn.Module, _args: Any) -> None:
+        k = seen_count.get(id(mod), 0)
+        ps = paths.get(id(mod), [""])
+        order.append(ps[min(k, len(ps) - 1)])
+        seen_count[id(mod)] = k + 1
+
+    handles = [m.register_forward_pre_hook(pre) for m in {id(m): m for m in model.modules()}.values()]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*(example if isinstance(example, tuple) else (example,)))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    return order
+
+
+def _output_paths(model: nn.Module, kinds: tuple[type, ...], example: Any) -> tuple[set[str], str]:
+    """Paths of the output modules: for weight layers the last one to run, for activations those
+    that run after it. From a forward pass on ``example`` if given, else the registration order."""
+    if example is not None:
+        order = execution_order(model, example)
+        how = "in execution order"
+    else:
+        order = [p for p, _ in model.named_modules(remove_duplicate=False)]
+        how = "in registration order; pass example= for the execution order"
+    mods = dict(model.named_modules(remove_duplicate=False))
+    weight_idx = [i for i, p in enumerate(order) if isinstance(mods.get(p), WEIGHT_LAYERS)]
+    last = weight_idx[-1] if weight_idx else -1
+    if kinds == WEIGHT_LAYERS:
+        return ({order[last]} if last >= 0 else set()), how
+    return {p for i, p in enumerate(order) if i > last and isinstance(mods.get(p), kinds)}, how
 
 
 def swap_activations(
-    model: nn.Module, old: Any = nn.Sigmoid, new: Any = nn.ReLU, *, keep_output: bool = True, **kwargs: Any
+    model: nn.Module,
+    old: Any = nn.Sigmoid,
+    new: Any = nn.ReLU,
+    *,
+    keep_output: bool = True,
+    example: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    **kwargs: Any,
 ) -> SurgeryReport:
     """Replace every activation module of type ``old`` with a fresh ``new(**kwargs)``.
 
-    The output activation (after the last Linear/Conv) is kept unless ``keep_output=False``: it
-    maps the output to what the loss expects. ``skip=["path"]`` keeps others. Refuses when the
-    model applies ``old`` as a function inside ``forward`` (it cannot be reached from outside:
-    change the code, or make the activation a module).
+    The output activation (the one that runs after the last Linear/Conv) is kept unless
+    ``keep_output=False``: it maps the output to what the loss expects. Which one that is comes
+    from a forward pass on ``example`` when given, else from the order modules were registered.
+    ``skip=["path"]`` keeps others. A module used in several places is replaced everywhere by one
+    new module. Refuses when ``forward`` applies ``old`` as a function (``torch.sigmoid(x)``): that
+    cannot be reached from outside. New parameters (PReLU's) join ``optimizer`` if given.
     """
     _check_model(model)
     skip = set(kwargs.pop("skip", []))
-    outputs = _output_activations(model) if keep_output else set()
+    outputs, how = _output_paths(model, ACTIVATION_TYPES, example) if keep_output else (set(), "")
     old_cls, new_cls = _activation_class(old, "old"), _activation_class(new, "new")
     try:
         new_cls(**kwargs)
     except TypeError as e:
         raise GradwatchError(f"cannot make {new_cls.__name__}(**{kwargs}): {e}.") from None
     report = SurgeryReport(f"swap_activations({old_cls.__name__} -> {new_cls.__name__})")
-    targets = [(p, m) for p, m in model.named_modules() if type(m) is old_cls]
-    functional = _functional_calls(model, old_cls.__name__.lower())
+    targets = [(p, m) for p, m in model.named_modules(remove_duplicate=False) if type(m) is old_cls]
+    functional = _functional_calls(model, old_cls)
     if not targets and functional:
         raise GradwatchError(
             f"{', '.join(functional)}.forward calls {old_cls.__name__.lower()} as a function, which cannot be swapped "
@@ -219,25 +297,43 @@ def swap_activations(
         )
     if not targets:
         raise GradwatchError(f"the model has no {old_cls.__name__} module to replace.")
-    for path, _ in targets:
-        if path in skip:
-            report.skipped.append(f"{path}: kept, as asked")
+    # A module object at several paths is either kept everywhere or replaced everywhere by one module.
+    paths_of: dict[int, list[str]] = {}
+    for path, m in targets:
+        paths_of.setdefault(id(m), []).append(path)
+    ref = next(model.parameters(), None)
+    for paths in paths_of.values():
+        if any(p in skip for p in paths):
+            report.skipped.append(f"{', '.join(paths)}: kept, as asked")
             continue
-        if path in outputs:
-            report.skipped.append(f"{path}: the output activation, kept (keep_output=False swaps it too)")
+        if any(p in outputs for p in paths):
+            report.skipped.append(f"{', '.join(paths)}: the output activation ({how}), kept (keep_output=False swaps it too)")
             continue
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
         replacement = new_cls(**kwargs)
-        ref = next(model.parameters(), None)
         if ref is not None:
             replacement.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-        setattr(parent, attr, replacement)
-        report.changed.append(f"{path}: {old_cls.__name__} -> {new_cls.__name__}")
+        for path in paths:
+            parent_path, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, attr, replacement)
+            report.changed.append(f"{path}: {old_cls.__name__} -> {new_cls.__name__}")
         report.new_parameters += list(replacement.parameters())
     if functional:
         report.skipped.append(f"{', '.join(functional)}.forward also calls {old_cls.__name__.lower()} as a function: not swapped")
+    if optimizer is not None:
+        join_optimizer(optimizer, report)
     return report
+
+
+def join_optimizer(optimizer: torch.optim.Optimizer, report: SurgeryReport) -> None:
+    """Put a surgery's new parameters into the optimizer's first param group (not a new group: LR
+    schedulers keep one entry per group and would break on an extra one)."""
+    have = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    new = [p for p in report.new_parameters if p.requires_grad and id(p) not in have]
+    if not new:
+        return
+    optimizer.param_groups[0]["params"].extend(new)
+    report.changed.append(f"(optimizer) {len(new)} new parameters joined {type(optimizer).__name__}'s first param group")
 
 
 # -------------------------------------------------------------------------------------- insert_norm
@@ -265,45 +361,79 @@ def _norm_for(m: nn.Module, kind: str) -> nn.Module:
     return nn.GroupNorm(1, m.out_channels, **opts)  # LayerNorm over channels and positions
 
 
+def _how_parent_uses(parent: nn.Module, attr: str) -> str | None:
+    """None if wrapping ``parent.attr`` in a Sequential is safe (the parent only calls it); else why not."""
+    if isinstance(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return None
+    try:
+        code = _code_without_strings(inspect.getsource(type(parent).forward))
+    except (OSError, TypeError):
+        return f"how {type(parent).__name__} uses it cannot be read"
+    if re.search(rf"self \. {re.escape(attr)} \. ", code):
+        return f"{type(parent).__name__}.forward reads self.{attr}'s attributes (its .weight), not just its output"
+    if re.search(rf"self \. {re.escape(attr)} \(", code):
+        return None
+    return f"{type(parent).__name__}.forward does not call self.{attr} directly"
+
+
+def _already_normed(model: nn.Module, path: str) -> bool:
+    parent_path = path.rpartition(".")[0]
+    if not parent_path:
+        return False
+    parent = model.get_submodule(parent_path)
+    return isinstance(parent, nn.Sequential) and len(parent) == 2 and isinstance(
+        parent[1], (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))
+
+
 def insert_norm(
     model: nn.Module,
     kind: str = "batch",
     *,
     optimizer: torch.optim.Optimizer | None = None,
     include_output: bool = False,
+    example: Any = None,
 ) -> SurgeryReport:
     """Put a normalisation right after every Linear/Conv layer (before its activation).
 
     Each layer is replaced, where it sits, by ``Sequential(layer, norm)``: parameter names move
-    from ``fc.weight`` to ``fc.0.weight``. The model's last weight layer (its output) is left alone
-    unless ``include_output``. Refuses a layer whose module object is used in two places (tied).
+    from ``fc.weight`` to ``fc.0.weight``. The model's output layer (the last weight layer to run:
+    from a forward pass on ``example`` when given, else the last registered) is left alone unless
+    ``include_output``. Left alone too: a layer used in two places, a layer already followed by a
+    norm, and a layer whose parent reads its attributes (``self.fc.weight``) instead of calling it.
 
     Args:
         kind: ``"batch"`` (BatchNorm; for Linear over the last dimension) or ``"layer"``
             (LayerNorm for Linear, GroupNorm(1) for Conv).
-        optimizer: if given, the new parameters join it as a param group (with its first group's
-            settings); otherwise they are in ``report.new_parameters`` for you to add.
+        optimizer: if given, the new parameters join its first param group; otherwise they are in
+            ``report.new_parameters`` for you to add.
     """
     _check_model(model)
     if kind not in ("batch", "layer"):
         raise GradwatchError(f"kind must be 'batch' or 'layer'; got {kind!r}.")
-    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS) and p]
+    layers = [(p, m) for p, m in model.named_modules() if type(m) in WEIGHT_LAYERS and p]
     if not layers:
         raise GradwatchError("insert_norm found no Linear or Conv layer (inside the model) to follow with a norm.")
     report = SurgeryReport(f"insert_norm({kind})")
     uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
-    output = layers[-1][0]
+    outputs, how = _output_paths(model, WEIGHT_LAYERS, example)
     for path, m in layers:
-        if path == output and not include_output:
-            report.skipped.append(f"{path}: the output layer, left as it is")
+        if path in outputs and not include_output:
+            report.skipped.append(f"{path}: the output layer ({how}), left as it is")
             continue
         if uses.get(id(m), 0) > 1:
             report.skipped.append(f"{path}: the same module is used in several places; wrapping it would change all of them")
             continue
+        if _already_normed(model, path):
+            report.skipped.append(f"{path}: already followed by a norm")
+            continue
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
+        why = _how_parent_uses(parent, attr)
+        if why is not None:
+            report.skipped.append(f"{path}: left as it is, {why}")
+            continue
         norm = _norm_for(m, kind)
         norm.train(m.training)
         setattr(parent, attr, nn.Sequential(m, norm))
@@ -311,8 +441,6 @@ def insert_norm(
         report.new_parameters += list(norm.parameters())
     if not report.changed:
         raise GradwatchError("insert_norm changed nothing: " + "; ".join(report.skipped) + ".")
-    if optimizer is not None and report.new_parameters:
-        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-        optimizer.add_param_group({**group, "params": report.new_parameters})
-        report.changed.append(f"(optimizer) {len(report.new_parameters)} new parameters joined {type(optimizer).__name__} as a param group")
+    if optimizer is not None:
+        join_optimizer(optimizer, report)
     return report

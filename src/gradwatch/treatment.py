@@ -17,6 +17,7 @@ applicable; :func:`applicable` says why.
 from __future__ import annotations
 
 import gc
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -34,6 +35,23 @@ NEEDS_CODE = {
     "check_data": "look for NaN/Inf in the input data",
     "reduce_depth": "remove layers from the model definition",
 }
+
+
+class TreatmentRefused(BaseException):
+    """A remedy could not be applied to this script's model (surgery refused it); the trial is void.
+    A BaseException, so that the script's own ``except Exception`` does not swallow it."""
+
+
+def _live(kind: type) -> list[Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on some lazily deprecated torch objects warns
+        return [obj for obj in gc.get_objects() if isinstance(obj, kind)]
+
+
+def _check_remedy(r: Any) -> dict[str, Any]:
+    if not isinstance(r, dict) or not isinstance(r.get("action"), str) or not isinstance(r.get("args", {}), dict):
+        raise GradwatchError(f'a remedy is {{"action": NAME, "args": {{...}}}}; got {r!r}.')
+    return {"action": r["action"], "args": dict(r.get("args", {}))}
 
 
 def applicable(remedy: dict[str, Any]) -> str | None:
@@ -71,7 +89,9 @@ class Treatment:
     """Installs remedies around a script run; :meth:`uninstall` puts everything back."""
 
     def __init__(self, remedies: Iterable[dict[str, Any]]):
-        self.remedies = [dict(r) for r in remedies]
+        if not isinstance(remedies, (list, tuple)):
+            raise GradwatchError(f"remedies are a list of {{\"action\": ..., \"args\": ...}}; got {type(remedies).__name__}.")
+        self.remedies = [_check_remedy(r) for r in remedies]
         for r in self.remedies:
             why = applicable(r)
             if why is not None:
@@ -88,16 +108,20 @@ class Treatment:
         from torch.nn.modules.module import register_module_forward_pre_hook
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-        if any(r["action"] in STEP_ACTIONS for r in self.remedies):
-            h = register_optimizer_step_pre_hook(self._first_step)
-            self._undo.append(h.remove)
-        if any(r["action"] in SURGERY_ACTIONS for r in self.remedies):
-            h = register_module_forward_pre_hook(self._first_forward)
-            self._forward_hook = h
-            self._undo.append(h.remove)
-        for r in self.remedies:
-            if r["action"] == "set_optimizer":
-                self._swap_optimizer_classes(r.get("args", {}))
+        try:
+            for r in self.remedies:
+                if r["action"] == "set_optimizer":
+                    self._swap_optimizer_classes(r.get("args", {}))
+            if any(r["action"] in STEP_ACTIONS for r in self.remedies):
+                h = register_optimizer_step_pre_hook(self._first_step)
+                self._undo.append(h.remove)
+            if any(r["action"] in SURGERY_ACTIONS for r in self.remedies):
+                h = register_module_forward_pre_hook(self._first_forward)
+                self._forward_hook = h
+                self._undo.append(h.remove)
+        except BaseException:
+            self.uninstall()
+            raise
         return self
 
     def uninstall(self) -> None:
@@ -123,6 +147,9 @@ class Treatment:
         def make(original: type) -> type:
             class Swapped(target):  # type: ignore[misc, valid-type]
                 def __init__(self, params: Any, *a: Any, **k: Any) -> None:
+                    params = list(params)
+                    if params and isinstance(params[0], dict):  # per-group options belong to the old optimizer
+                        params = [{"params": g["params"]} for g in params]
                     target.__init__(self, params, **options)
                     log.append(f"{original.__name__}(...) -> {name}({', '.join(f'{k}={v}' for k, v in options.items())})")
 
@@ -145,44 +172,67 @@ class Treatment:
             a, rargs = r["action"], r.get("args", {})
             if a not in STEP_ACTIONS:
                 continue
+            if a == "scale_lr":
+                self._scale_lr(optimizer, float(rargs.get("factor", 0.1)))
             for group in optimizer.param_groups:
-                if a == "scale_lr" and isinstance(group.get("lr"), (int, float)):
-                    group["lr"] = group["lr"] * rargs.get("factor", 0.1)
-                elif a == "scale_lr" and isinstance(group.get("lr"), torch.Tensor):
-                    group["lr"].mul_(rargs.get("factor", 0.1))
-                elif a == "weight_decay" and "weight_decay" in group:
+                if a == "weight_decay" and "weight_decay" in group:
                     group["weight_decay"] = rargs.get("l2", 1e-2)
             self.log.append(f"{describe(r)} on {type(optimizer).__name__} before its first step")
+
+    def _scale_lr(self, optimizer: torch.optim.Optimizer, factor: float) -> None:
+        """Every lr the group and its schedulers keep: a scheduler that recomputes lr from its base
+        values (LambdaLR, OneCycleLR's max_lr) would otherwise undo the change at its next step."""
+        seen: set[int] = set()
+        for group in optimizer.param_groups:
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                v = group.get(key)
+                if isinstance(v, torch.Tensor) and id(v) not in seen:
+                    seen.add(id(v))
+                    v.mul_(factor)
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    group[key] = v * factor
+        for sched in _live(torch.optim.lr_scheduler.LRScheduler):
+            if getattr(sched, "optimizer", None) is optimizer and hasattr(sched, "base_lrs"):
+                sched.base_lrs = [b * factor for b in sched.base_lrs]
+                self.log.append(f"scale_lr also scaled {type(sched).__name__}'s base learning rates")
 
     # -- first forward: surgery -----------------------------------------------------------------
 
     def _first_forward(self, module: nn.Module, args: Any) -> None:
-        if self._done_surgery or not any(True for _ in module.parameters()):
-            return  # wait for the model (a parameter-free module may run first)
+        trainable = {id(p) for p in module.parameters() if p.requires_grad}
+        if self._done_surgery or not trainable:
+            return  # wait for the model (a parameter-free or frozen module may run first)
+        optimizers = [o for o in _live(torch.optim.Optimizer)
+                      if any(id(p) in trainable for g in o.param_groups for p in g["params"])]
+        if not optimizers and _live(torch.optim.Optimizer):
+            return  # this module is not what the optimizer trains (e.g. a submodule run on its own)
         self._done_surgery = True
         self._forward_hook.remove()
-        for r in self.remedies:
-            a, rargs = r["action"], r.get("args", {})
-            if a == "swap_activation":
-                extra = {k: v for k, v in rargs.items() if k not in ("from", "to", "init")}
-                rep = surgery.swap_activations(module, rargs.get("from", "Sigmoid"), rargs.get("to", "ReLU"), **extra)
-                self.log.append(str(rep))
-                if rargs.get("init"):
-                    self.log.append(str(surgery.reinit(module, rargs["init"])))
-            elif a == "reinit":
-                self.log.append(str(surgery.reinit(module, rargs.get("scheme", "glorot_uniform"), bias=rargs.get("bias", 0.0))))
-            elif a == "insert_norm":
-                rep = surgery.insert_norm(module, rargs.get("kind", "batch"))
-                self._add_to_optimizers(module, rep.new_parameters)
-                self.log.append(str(rep))
+        example = args if isinstance(args, tuple) else (args,)
+        # New modules must be ordinary trainable tensors even if this first call is a summary under
+        # no_grad / inference_mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                for r in self.remedies:
+                    self._operate(module, r, example, optimizers[0] if optimizers else None)
+            except GradwatchError as e:
+                raise TreatmentRefused(f"{type(module).__name__}: {e}") from None
 
-    def _add_to_optimizers(self, model: nn.Module, new: list[nn.Parameter]) -> None:
-        if not new:
+    def _operate(self, module: nn.Module, r: dict[str, Any], example: tuple, opt: torch.optim.Optimizer | None) -> None:
+        a, rargs = r["action"], r.get("args", {})
+        if a not in SURGERY_ACTIONS:
             return
-        owned = {id(p) for p in model.parameters()}
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.optim.Optimizer) and any(id(p) in owned for g in obj.param_groups for p in g["params"]):
-                group = {k: v for k, v in obj.param_groups[0].items() if k != "params"}
-                obj.add_param_group({**group, "params": new})
-                self.log.append(f"{len(new)} new parameters joined {type(obj).__name__}")
-                return
+        if a == "swap_activation":
+            extra = {k: v for k, v in rargs.items() if k not in ("from", "to", "init")}
+            rep = surgery.swap_activations(module, rargs.get("from", "Sigmoid"), rargs.get("to", "ReLU"),
+                                           example=example, optimizer=opt, **extra)
+            self.log.append(str(rep))
+            if rargs.get("init"):
+                self.log.append(str(surgery.reinit(module, rargs["init"])))
+        elif a == "reinit":
+            self.log.append(str(surgery.reinit(module, rargs.get("scheme", "glorot_uniform"), bias=rargs.get("bias", 0.0))))
+        else:
+            rep = surgery.insert_norm(module, rargs.get("kind", "batch"), example=example, optimizer=opt)
+            self.log.append(str(rep))
+        if opt is None and any(p.requires_grad for p in module.parameters()) and a != "reinit":
+            self.log.append("no optimizer existed at the model's first forward: new parameters (if any) joined none")
