@@ -238,6 +238,7 @@ class Watch:
             guards = self._guards if not self._attached else copy.deepcopy(self._guard_templates)
             setup = GuardSetup(optimizer, model, layers, params, att.probe.device, say_to_stderr(self.quiet))
             att.guards = GuardChain(guards, setup)
+            att.probe.keep_step_inputs = True
         if hooks:
             att.handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self.on_before_optimizer_step(opt)))
             att.handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self.on_after_optimizer_step(opt)))

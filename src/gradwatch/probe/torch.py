@@ -386,6 +386,8 @@ class TorchProbe:
         self._present = np.zeros((cap, n), bool)
         self._rolled = np.zeros(cap, np.float64)
         self._hist_steps: list[int] = []
+        #: Whether to keep each step's gradients and norms for guards (set by a watch with guards).
+        self.keep_step_inputs = False
         #: This step's gradients and their norms, for guards: (layer ids, params, grads, norms).
         self.step_inputs: tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None] = ([], [], [], None)
 
@@ -466,18 +468,20 @@ class TorchProbe:
             key = (gi, tuple(ids))
             if grads:
                 norms = self._put(ring_row, "g_norm", key, ids, l2_norms(grads))
-                all_ids += ids
-                all_params += params
-                all_grads += grads
-                all_norms.append(norms)
+                if self.keep_step_inputs:
+                    all_ids += ids
+                    all_params += params
+                    all_grads += grads
+                    all_norms.append(norms)
                 if sampled:
                     self._grad_details(ring_row, hrow, key, ids, grads)
             if sampled:
                 self._weight_details(ring_row, gi, group)
                 snapshot.append(group.take_snapshot())
         self._snapshot = snapshot if sampled else None
-        norms_all = None if not all_norms else all_norms[0] if len(all_norms) == 1 else torch.cat(all_norms)
-        self.step_inputs = (all_ids, all_params, all_grads, norms_all)
+        if self.keep_step_inputs:
+            norms_all = None if not all_norms else all_norms[0] if len(all_norms) == 1 else torch.cat(all_norms)
+            self.step_inputs = (all_ids, all_params, all_grads, norms_all)
         if self._tap is not None and self._tap.attached:
             dead_ids, dead, sat_ids, sat = self._tap.detach()
             if dead:
