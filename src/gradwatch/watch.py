@@ -156,6 +156,8 @@ class Watch:
         self._print_summary = not _lazy  # the CLI prints a fuller one for `gradwatch run`
         self.tensorboard = Path(tensorboard) if tensorboard is not None else None
         self._windows = 0
+        #: Called with each flushed window after it is stored (integrations log from it; no device read).
+        self.window_listeners: list[Any] = []
         self._announced: set[str] = set()
         self._findings: list[Any] | None = None
         self._closed = False
@@ -312,6 +314,11 @@ class Watch:
         att.stream.append(chunk)
         if att.guards is not None:
             att.guards.on_window(chunk)
+        for listener in self.window_listeners:
+            try:
+                listener(chunk)
+            except Exception as e:  # a logger must not cost the record
+                print(f"gradwatch: could not pass a window on ({type(e).__name__}: {e}).", file=sys.stderr)
         self._windows += 1
         w = self._windows
         # Every window at first, then at powers of two: online diagnosis stays O(n log n) overall.

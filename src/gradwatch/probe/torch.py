@@ -534,6 +534,13 @@ class TorchProbe:
             self._put(ring_row, "dw_norm", ("dw", gi), group.layer_ids, l2_norms(before))
         self._snapshot = None
 
+    def last_global_norm(self) -> torch.Tensor:
+        """The global gradient norm of the step just committed, as a device scalar (no host read)."""
+        n = len(self._params)
+        start = _STEP_SLOTS + _BLOCKS.index("g_norm") * n
+        norms = self._ring[self._rows - 1, start : start + n]
+        return torch.linalg.vector_norm(torch.where(torch.isnan(norms), 0.0, norms))
+
     @torch.no_grad()
     def record_guards(
         self,

@@ -1,0 +1,147 @@
+"""Lightning: ``Trainer(callbacks=[gradwatch.lightning.GradWatch()])``.
+
+Lightning runs the training step inside ``optimizer.step(closure)``, so an optimizer's own step
+pre-hook fires *before* the gradients of that step exist; gradwatch therefore reads them in the
+callback hook ``on_before_optimizer_step``, which Lightning calls after the closure — after
+backward, after AMP unscaling and after gradient accumulation — and before its own gradient
+clipping (``gradient_clip_val``). When clipping is configured, the norm after it is measured once
+more when the optimizer has stepped (the gradients are still the clipped ones) and stored as
+``grad_norm_clipped`` with ``clip_threshold = gradient_clip_val``, so the run shows both.
+
+Each flushed window is also logged through the trainer's logger (``gradwatch/grad_norm``,
+``gradwatch/grad_norm_clipped``, ``gradwatch/loss``) from numbers already on the host: no extra
+device synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import GradwatchError
+from .probe.torch import l2_norms
+from .store import Chunk
+from .watch import Watch, default_out
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - exercised only without the extra
+    try:
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+    except ImportError:
+        raise GradwatchError(
+            "gradwatch.lightning needs Lightning; install it with `pip install gradwatch[lightning]`."
+        ) from None
+
+
+class GradWatch(Callback):
+    """Record (and diagnose, report) a Lightning training run with gradwatch.
+
+    Args:
+        out: run directory (default ``gradwatch-runs/lightning-TIME``).
+        log_to_logger: also log the per-step norms and loss through ``trainer.logger``.
+        **watch_options: passed to :class:`gradwatch.Watch` (``flush_every``, ``sample_every``,
+            ``guards``, ``report``, ``quiet``, ...).
+    """
+
+    def __init__(self, out: str | os.PathLike[str] | None = None, *, log_to_logger: bool = True, **watch_options: Any):
+        super().__init__()
+        self.out = out
+        self.log_to_logger = log_to_logger
+        self.watch_options = watch_options
+        self.watch: Watch | None = None
+        self._trainer: Any = None
+        self._handles: list[Any] = []
+        self._clip: float | None = None
+        self._findings: list[Any] = []
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: Any, pl_module: torch.nn.Module) -> None:
+        if trainer.global_rank != 0:
+            return  # one writer per run: rank 0 (other ranks see the same all-reduced gradients)
+        self._trainer = trainer
+        out = self.out if self.out is not None else default_out("lightning")
+        self.watch = Watch(pl_module, out=out, _lazy=True, **self.watch_options)
+        self.watch._print_summary = not self.watch.quiet
+        self.watch.window_listeners.append(self._log_window)
+        clip = trainer.gradient_clip_val
+        self._clip = float(clip) if clip else None
+        for opt in trainer.optimizers:
+            self.watch.add_optimizer(opt, pl_module, hooks=False)
+            self._handles.append(opt.register_step_post_hook(lambda o, a, k: self._after_step(o)))
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.watch is not None and id(optimizer) in self.watch._attached:
+            self.watch.on_before_optimizer_step(optimizer)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        w = self.watch
+        if w is None or id(optimizer) not in w._attached:
+            return
+        att = w._attached[id(optimizer)]
+        if self._clip is not None and not att.failed and att.guards is None:
+            self._record_clipping(att)
+        w.on_after_optimizer_step(optimizer)
+
+    @torch.no_grad()
+    def _record_clipping(self, att: Any) -> None:
+        """The norm Lightning's clipping left (the gradients are still the clipped ones after the step)."""
+        probe = att.probe
+        grads = [p.grad for p in probe._params if p.grad is not None and not p.grad.is_sparse]
+        if not grads:
+            return
+        by: dict[tuple, list[torch.Tensor]] = {}
+        for g in grads:
+            by.setdefault((g.device, g.dtype), []).append(g)
+        norms = [n.to(device=probe.device, dtype=torch.float32) for group in by.values() for n in l2_norms(group)]
+        after = torch.linalg.vector_norm(torch.stack(norms))
+        raw = probe.last_global_norm()
+        threshold = torch.full((), self._clip if self._trainer.gradient_clip_algorithm in (None, "norm") else math.nan,
+                               device=probe.device)
+        probe.record_guards(after, after / raw, threshold, False, False)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: torch.nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.watch is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.watch.log(loss.detach())
+
+    def _log_window(self, chunk: Chunk) -> None:
+        logger = self._trainer.logger if self._trainer is not None else None
+        if not self.log_to_logger or logger is None:
+            return
+        v = chunk.step_values
+        for i, step in enumerate(np.asarray(chunk.steps)):
+            metrics = {f"gradwatch/{name}": float(v[name][i]) for name in ("grad_norm", "grad_norm_clipped", "loss")
+                       if np.isfinite(v[name][i])}
+            if metrics:
+                logger.log_metrics(metrics, step=int(step))
+
+    def _close(self, status: str) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.watch is not None:
+            w, self.watch = self.watch, None
+            w.close(status=status)
+            self._findings = w.findings
+
+    def on_fit_end(self, trainer: Any, pl_module: torch.nn.Module) -> None:
+        self._close("finished")
+
+    def on_exception(self, trainer: Any, pl_module: torch.nn.Module, exception: BaseException) -> None:
+        self._close("interrupted" if isinstance(exception, KeyboardInterrupt) else "crashed")
+
+    @property
+    def findings(self) -> list[Any]:
+        """The findings of the last fit (after it ended)."""
+        return self._findings
+
+    def teardown(self, trainer: Any, pl_module: torch.nn.Module, stage: str) -> None:
+        self._close("finished")
