@@ -9,6 +9,7 @@ import os
 import pytest
 
 os.environ["GRADWATCH_REPORT"] = "0"
+os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3's default backend, TensorFlow, is not installed
 watch_module = importlib.import_module("gradwatch.watch")  # `gradwatch.watch` is also the function
 
 

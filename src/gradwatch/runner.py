@@ -109,6 +109,88 @@ class _LossCapture:
         torch.autograd.backward = self._orig_autograd_backward  # type: ignore[assignment]
 
 
+class _KerasHooks:
+    """``gradwatch run`` for Keras 3 scripts (torch backend): Keras optimizers are not torch ones,
+    so their ``apply`` is wrapped — on the base class, as soon as the script imports Keras — and
+    each optimizer's first apply starts a stream for the Keras model that owns its variables."""
+
+    _MODULE = "keras.src.optimizers.base_optimizer"
+
+    def __init__(self, watch: Watch):
+        self._watch = watch
+        self._attached: dict[int, Any] = {}
+        self._refused: set[int] = set()
+        self._restore: list[Any] = []
+        self._finder: Any = None
+
+    def __enter__(self) -> "_KerasHooks":
+        if self._MODULE in sys.modules:
+            self._patch(sys.modules[self._MODULE])
+        else:
+            hooks = self
+
+            class Finder:
+                def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+                    if name != hooks._MODULE:
+                        return None
+                    import importlib.machinery
+
+                    spec = importlib.machinery.PathFinder.find_spec(name, path)
+                    if spec is None or spec.loader is None:
+                        return None
+                    exec_module = spec.loader.exec_module
+
+                    def exec_and_patch(module: Any) -> None:
+                        exec_module(module)
+                        hooks._patch(module)
+
+                    spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+                    return spec
+
+            self._finder = Finder()
+            sys.meta_path.insert(0, self._finder)
+        return self
+
+    def _patch(self, module: Any) -> None:
+        base = module.BaseOptimizer
+        original = base.apply
+        hooks = self
+
+        def apply(opt: Any, grads: Any, trainable_variables: Any = None) -> Any:
+            att = hooks._attachment(opt, trainable_variables)
+            if att is None:
+                return original(opt, grads, trainable_variables)
+            att.before(grads)
+            try:
+                return original(opt, grads, trainable_variables)
+            finally:
+                att.after()
+
+        base.apply = apply
+        self._restore.append(lambda: setattr(base, "apply", original))
+
+    def _attachment(self, opt: Any, variables: Any) -> Any:
+        key = id(opt)
+        if key in self._attached or key in self._refused:
+            return self._attached.get(key)
+        try:
+            from .keras import KerasAttachment, find_keras_model
+
+            variables = list(variables if variables is not None else opt._trainable_variables)
+            model = find_keras_model(variables)
+            self._attached[key] = KerasAttachment(self._watch, model, opt, variables, wrap=False)
+        except GradwatchError as e:
+            self._refused.add(key)
+            print(f"gradwatch: not recording {type(opt).__name__}: {e}", file=sys.stderr)
+        return self._attached.get(key)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._finder is not None and self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
+        while self._restore:
+            self._restore.pop()()
+
+
 class StepLimitReached(BaseException):
     """Raised from the optimizer's post-step hook after ``max_steps`` steps: a trial run is over.
     A BaseException, so that a script's ``except Exception`` does not swallow it."""
@@ -221,6 +303,7 @@ def run_script(
             if treatment is not None:
                 stack.enter_context(treatment)  # first: its hooks run before the watch's
             stack.enter_context(_GlobalHooks(w, max_steps))
+            stack.enter_context(_KerasHooks(w))
             stack.enter_context(_LossCapture(w))
             try:
                 if module:

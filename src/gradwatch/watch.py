@@ -193,11 +193,13 @@ class Watch:
         *,
         hooks: bool = True,
         label: str | None = None,
+        layer_table: tuple[list[LayerInfo], list[torch.Tensor]] | None = None,
     ) -> _Attached:
         """Start a stream for ``optimizer``; with ``hooks``, register its step hooks.
 
         ``label`` names the stream (e.g. the model's variable name); it prefixes layer names only
-        when two streams would otherwise share a name.
+        when two streams would otherwise share a name. ``layer_table`` (layers, parameters) replaces
+        the one built from module paths (Keras names its variables itself).
         """
         if self._closed:
             raise GradwatchError("this watch is closed; start a new gradwatch.watch(...) to record again.")
@@ -205,7 +207,7 @@ class Watch:
         if key in self._attached:
             return self._attached[key]
         params = _optimizer_params(optimizer)
-        if model is not None:
+        if model is not None and layer_table is None:
             # Layers in the model's order (input side first, as the gradient-flow profile reads);
             # frozen parameters (in no optimizer) ride along in the first stream; parameters the
             # model does not own come last.
@@ -218,7 +220,7 @@ class Watch:
             raise GradwatchError(
                 f"the optimizer {type(optimizer).__name__} has no parameters; there is nothing to watch."
             )
-        layers, params = build_layer_table(model, params)
+        layers, params = layer_table if layer_table is not None else build_layer_table(model, params)
         writer = self._ensure_writer()
         stream = writer.add_stream(
             layers,

@@ -93,13 +93,30 @@ def _first(mask: np.ndarray) -> int | None:
     return int(idx[0]) if idx.size else None
 
 
+def _split_name(name: str) -> tuple[str, str]:
+    """``("encoder.0", "weight")`` from ``encoder.0.weight``; Keras paths split at "/"
+    (``sequential/dense/kernel``)."""
+    cut = max(name.rfind("."), name.rfind("/"))
+    return (name[:cut], name[cut:]) if cut >= 0 else ("", name)
+
+
+def _last(name: str) -> str:
+    return _split_name(name)[1].lstrip("./")
+
+
+def _sibling(name: str, last: str) -> str:
+    prefix, tail = _split_name(name)
+    return f"{prefix}{tail[:1]}{last}" if prefix else last
+
+
 def weight_layers(run: RunLike) -> list[int]:
-    """Weight matrices and kernels (``*.weight``, ``weight_ih_l0``...): what carries the gradient
-    flow. Embedding tables and free parameters (positional tables, scales) are left out."""
+    """Weight matrices and kernels (``*.weight``, ``weight_ih_l0``, Keras ``*/kernel``...): what
+    carries the gradient flow. Embedding tables and free parameters (positional tables, scales)
+    are left out."""
     return [
         i for i, l in enumerate(run.layers)
         if len(l.shape) >= 2 and l.trainable and l.module_type not in _EXCLUDED_FROM_FLOW and l.numel > 0
-        and "weight" in l.name.rsplit(".", 1)[-1]
+        and ("weight" in _last(l.name) or "kernel" in _last(l.name))
     ]
 
 
@@ -108,7 +125,7 @@ def _output_layers(run: RunLike) -> set[str]:
     out: set[str] = set()
     for ids in _streams(run):
         name = run.layers[ids[-1]].name
-        out |= {name, name.rsplit(".", 1)[0] + ".bias"}
+        out |= {name, _sibling(name, "bias")}
     return out
 
 
@@ -382,14 +399,16 @@ def dead_units(run: RunLike) -> Finding | None:
         # Two witnesses: units whose pre-activation is never positive (forward hooks), and exact
         # zeros in the bias gradient (or weight gradient without a bias), which say per unit.
         candidates = [_sustained(act_dead[:, i], DEAD_FRACTION)]
-        has_bias = any(l.name == layer.name.rsplit(".", 1)[0] + ".bias" for l in run.layers)
+        has_bias = any(l.name == _sibling(layer.name, "bias") for l in run.layers)
         if not (len(layer.shape) >= 2 and has_bias):
             candidates.append(_sustained(zero[:, i], DEAD_FRACTION))
         found = [c for c in candidates if c is not None]
         if found:
             frac, row = max(found, key=lambda c: c[0])
-            name = layer.name if not layer.name.endswith(".bias") else layer.name[: -len(".bias")] + ".weight"
-            name = name if any(l.name == name for l in run.layers) else layer.name
+            name = layer.name
+            if _last(name) == "bias":
+                names = {l.name for l in run.layers}
+                name = next((n for n in (_sibling(name, "weight"), _sibling(name, "kernel")) if n in names), name)
             if name not in dead or frac > dead[name][0]:
                 dead[name] = (frac, row)
     if not dead:

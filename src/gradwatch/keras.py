@@ -1,0 +1,211 @@
+"""Keras 3 (torch backend): ``model.fit(..., callbacks=[gradwatch.keras.GradWatch(out="runs/k")])``.
+
+Callbacks never see gradients, so gradwatch intercepts the model's optimizer: its ``apply(grads,
+variables)`` is wrapped for the duration of ``fit``. On the torch backend a Keras model is a
+``torch.nn.Module`` and every variable's value is a ``torch.nn.Parameter`` whose ``.grad`` holds the
+gradient Keras passes to ``apply``, so the PyTorch probe reads them as it reads any model's — same
+statistics, run directory, findings and report. Layers are named by the Keras variable paths
+(``sequential/dense/kernel``; Keras kernels are (in, out)).
+
+Keras' own clipping options (``clipnorm`` per variable, ``global_clipnorm``, ``clipvalue``) are
+stored with the run and applied by Keras inside ``apply``; gradwatch records the gradients before
+them (``grad_norm``) and, when one is set, the global norm after them (``grad_norm_clipped``, by
+calling the optimizer's own clipping on the same gradients).
+
+Other backends (TensorFlow, JAX) keep gradients outside torch: this module refuses them in one
+sentence. gradwatch's guards act on torch optimizers and are not available here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from .errors import GradwatchError
+from .probe.torch import l2_norms
+from .store import LayerInfo
+from .watch import Watch, default_out
+
+try:
+    import keras
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise GradwatchError("gradwatch.keras needs Keras 3; install it with `pip install gradwatch[keras]`.") from None
+
+_ACTIVATIONS = {"relu": "ReLU", "sigmoid": "Sigmoid", "tanh": "Tanh", "elu": "ELU", "selu": "SELU", "gelu": "GELU",
+                "silu": "SiLU", "swish": "SiLU", "leaky_relu": "LeakyReLU", "softplus": "Softplus", "softsign": "Softsign",
+                "hard_sigmoid": "Hardsigmoid", "mish": "Mish"}
+
+
+def _check_backend() -> None:
+    backend = keras.backend.backend()
+    if backend != "torch":
+        raise GradwatchError(
+            f"gradwatch reads Keras gradients on the torch backend; this Keras runs on {backend!r}. "
+            "Set KERAS_BACKEND=torch before the first `import keras`."
+        )
+
+
+class KerasOptimizerView:
+    """A Keras optimizer seen as a torch one by a watch stream: its variables' torch parameters as
+    one param group, its learning rate (a device tensor: no host read), its config as defaults."""
+
+    def __init__(self, optimizer: Any, variables: list[Any]):
+        self.keras_optimizer = optimizer
+        self.variables = variables
+        config = optimizer.get_config()
+        self.defaults = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        lr = getattr(self.keras_optimizer, "learning_rate", None)
+        value = getattr(lr, "value", lr)
+        return [{"params": [v.value for v in self.variables], "lr": value if isinstance(value, torch.Tensor) else None}]
+
+
+def _view_class(optimizer: Any) -> type:
+    return type(f"keras.{type(optimizer).__name__}", (KerasOptimizerView,), {})
+
+
+def layer_table(model: Any, variables: list[Any]) -> tuple[list[LayerInfo], list[torch.Tensor]]:
+    """Layers named by Keras variable path, typed by their Keras layer, with its activation."""
+    owner: dict[int, Any] = {}
+    for layer in getattr(model, "_flatten_layers", lambda **k: model.layers)(include_self=False, recursive=True):
+        for v in getattr(layer, "_trainable_variables", []) + getattr(layer, "_non_trainable_variables", []):
+            owner.setdefault(id(v), layer)
+    layers, params = [], []
+    for v in variables:
+        layer = owner.get(id(v))
+        act = getattr(getattr(layer, "activation", None), "__name__", None)
+        p = v.value
+        layers.append(LayerInfo(
+            name=v.path, shape=tuple(p.shape), numel=p.numel(),
+            module_type=type(layer).__name__ if layer is not None else "?",
+            activation=_ACTIVATIONS.get(act or ""), dtype=str(p.dtype).replace("torch.", ""), trainable=v.trainable,
+        ))
+        params.append(p)
+    return layers, params
+
+
+def find_keras_model(variables: list[Any]) -> Any:
+    """The live Keras model that owns most of ``variables`` (fewest others on a tie)."""
+    import gc
+    import warnings
+
+    wanted = {id(v) for v in variables}
+    best, best_key = None, (0, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = [o for o in gc.get_objects() if isinstance(o, keras.Model)]
+    for m in models:
+        ids = {id(v) for v in m.trainable_variables}
+        key = (len(wanted & ids), -len(ids))
+        if key[0] and key > best_key:
+            best, best_key = m, key
+    if best is None:
+        raise GradwatchError("no Keras model owns this optimizer's variables.")
+    return best
+
+
+class KerasAttachment:
+    """Wraps one Keras optimizer's ``apply`` so that a watch sees every step it takes."""
+
+    def __init__(self, watch: Watch, model: Any, optimizer: Any, variables: list[Any] | None = None, *, wrap: bool = True):
+        _check_backend()
+        if getattr(watch, "_guards", None):
+            raise GradwatchError("gradwatch's guards act on torch optimizers; with Keras use its own clipnorm/clipvalue.")
+        variables = list(variables if variables is not None else model.trainable_variables)
+        if not variables:
+            raise GradwatchError(f"the Keras model {model.name!r} has no trainable variables; there is nothing to watch.")
+        self.watch = watch
+        self.optimizer = optimizer
+        self.view = _view_class(optimizer)(optimizer, variables)
+        module = model if isinstance(model, torch.nn.Module) else None
+        self.att = watch.add_optimizer(self.view, module, hooks=False, layer_table=layer_table(model, variables))
+        self._clip = any(getattr(optimizer, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
+        if wrap:
+            self._original = optimizer.apply
+            optimizer.apply = self._apply  # instance attribute: only this optimizer, undone by detach()
+
+    def before(self, grads: Any) -> None:
+        """The optimizer is about to apply ``grads`` (the variables' torch ``.grad``)."""
+        self.watch.on_before_optimizer_step(self.view)
+        if self._clip and not self.att.failed:
+            self._record_clipping(list(grads))
+
+    def after(self) -> None:
+        self.watch.on_after_optimizer_step(self.view)
+
+    def _apply(self, grads: Any, trainable_variables: Any = None) -> Any:
+        self.before(grads)
+        try:
+            return self._original(grads, trainable_variables)
+        finally:
+            self.after()
+
+    @torch.no_grad()
+    def _record_clipping(self, grads: list[Any]) -> None:
+        opt, probe = self.optimizer, self.att.probe
+        clipped = [g for g in opt._clip_gradients(grads) if g is not None]
+        if not clipped:
+            return
+        by: dict[tuple, list[torch.Tensor]] = {}
+        for g in clipped:
+            by.setdefault((g.device, g.dtype), []).append(g)
+        after = torch.linalg.vector_norm(torch.stack(
+            [n.to(device=probe.device, dtype=torch.float32) for group in by.values() for n in l2_norms(group)]))
+        limit = opt.global_clipnorm or (opt.clipnorm if not opt.clipvalue else None)
+        threshold = torch.full((), float(limit) if limit else math.nan, device=probe.device)
+        probe.record_guards(after, after / probe.last_global_norm(), threshold, False, False)
+
+    def detach(self) -> None:
+        if self.optimizer.__dict__.get("apply") == self._apply:
+            del self.optimizer.apply
+
+
+class GradWatch(keras.callbacks.Callback):
+    """Record (and diagnose, report) ``model.fit`` with gradwatch.
+
+    Args:
+        out: run directory (default ``gradwatch-runs/keras-TIME``).
+        **watch_options: passed to :class:`gradwatch.Watch` (``flush_every``, ``sample_every``,
+            ``report``, ``quiet``, ...).
+    """
+
+    def __init__(self, out: str | os.PathLike[str] | None = None, **watch_options: Any):
+        super().__init__()
+        self.out = out
+        self.watch_options = watch_options
+        self.watch: Watch | None = None
+        self._attachment: KerasAttachment | None = None
+        self.findings: list[Any] = []
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        _check_backend()
+        model = self.model
+        if model.optimizer is None:
+            raise GradwatchError("the Keras model has no optimizer; compile it before fit().")
+        out = self.out if self.out is not None else default_out("keras")
+        self.watch = Watch(model if isinstance(model, torch.nn.Module) else None, out=out, _lazy=True, **self.watch_options)
+        self.watch._print_summary = not self.watch.quiet
+        try:
+            self._attachment = KerasAttachment(self.watch, model, model.optimizer)
+        except BaseException:
+            self.watch.close(status="crashed")
+            raise
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        loss = (logs or {}).get("loss")
+        if self.watch is not None and loss is not None:
+            self.watch.log(loss if isinstance(loss, torch.Tensor) else float(loss))
+
+    def on_train_end(self, logs: Any = None) -> None:
+        if self._attachment is not None:
+            self._attachment.detach()
+            self._attachment = None
+        if self.watch is not None:
+            w, self.watch = self.watch, None
+            w.close(status="finished")
+            self.findings = w.findings

@@ -1,0 +1,167 @@
+"""Keras 3 on the torch backend: the seeds' own Keras programs, with the callback or under `gradwatch run`."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+keras = pytest.importorskip("keras")
+if keras.backend.backend() != "torch":  # pragma: no cover
+    pytest.skip("these tests need KERAS_BACKEND=torch", allow_module_level=True)
+
+from keras.initializers import RandomNormal, RandomUniform  # noqa: E402
+from keras.layers import Dense, Input  # noqa: E402
+from sklearn.datasets import make_circles, make_moons, make_regression  # noqa: E402
+
+import gradwatch as gw  # noqa: E402
+from gradwatch.keras import GradWatch  # noqa: E402
+
+
+def make_mlp(activation, initializer, name):  # type: ignore[no-untyped-def]
+    """Seed 004's make_mlp, as the seed writes it."""
+    return keras.Sequential([
+        Input(shape=(2,)),
+        Dense(5, activation=activation, kernel_initializer=initializer, name=name + "1"),
+        Dense(5, activation=activation, kernel_initializer=initializer, name=name + "2"),
+        Dense(5, activation=activation, kernel_initializer=initializer, name=name + "3"),
+        Dense(5, activation=activation, kernel_initializer=initializer, name=name + "4"),
+        Dense(1, activation="sigmoid", kernel_initializer=initializer, name=name + "5"),
+    ])
+
+
+def _fit(model, x, y, out: Path, epochs: int, batch_size: int = 32):  # type: ignore[no-untyped-def]
+    cb = GradWatch(out=out, quiet=True, report=False)
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[cb])
+    return cb, gw.load_run(out)
+
+
+def test_seed004_sigmoid_mlp_vanishes(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(1)
+    x, y = make_circles(n_samples=1000, factor=0.5, noise=0.1, random_state=0)
+    model = make_mlp("sigmoid", RandomNormal(mean=0.0, stddev=1.0), "sigmoid")
+    model.compile(optimizer="rmsprop", loss="binary_crossentropy", metrics=["acc"])
+    cb, run = _fit(model, x, y, tmp_path / "sig", epochs=10)
+    assert len(run.steps) == 10 * 32 and run.streams[0]["optimizer"] == "keras.RMSprop"
+    assert run.layers[0].name == "sequential/sigmoid1/kernel" and run.layers[0].activation == "Sigmoid"
+    assert "vanishing_gradients" in {f.kind for f in cb.findings}
+    assert np.isfinite(run.step_series("loss")).all()
+
+
+def test_seed000_binary_model_sigmoid_vanishes_and_relu_does_not(tmp_path: Path) -> None:
+    x, y = make_moons(n_samples=3000, shuffle=True, noise=0.25, random_state=1234)
+
+    def binary_model(act):  # type: ignore[no-untyped-def]
+        init = RandomUniform(-1, 1)
+        return keras.Sequential([Input(shape=(2,)), Dense(10, kernel_initializer=init, activation=act),
+                                 Dense(10, kernel_initializer=init, activation=act),
+                                 Dense(5, kernel_initializer=init, activation=act),
+                                 Dense(1, kernel_initializer=init, activation="sigmoid")])
+
+    found = {}
+    for act in ("sigmoid", "relu"):
+        keras.utils.set_random_seed(0)
+        model = binary_model(act)
+        model.compile(optimizer=keras.optimizers.RMSprop(), loss="binary_crossentropy", metrics=["accuracy"])
+        cb, _ = _fit(model, x, y, tmp_path / act, epochs=3)
+        found[act] = {f.kind for f in cb.findings if f.severity in ("warning", "error")}
+    assert "vanishing_gradients" in found["sigmoid"] and "vanishing_gradients" not in found["relu"], found
+
+
+def _seed001(clip: dict, tmp_path: Path, name: str):  # type: ignore[no-untyped-def]
+    x, y = make_regression(n_samples=1000, n_features=20, noise=0.1, random_state=1)
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([Input(shape=(20,)), Dense(25, activation="relu", kernel_initializer="he_uniform"),
+                              Dense(1, activation="linear")])
+    model.compile(loss="mean_squared_error", optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, **clip))
+    return _fit(model, x[:500], y[:500], tmp_path / name, epochs=5)
+
+
+def test_seed001_unscaled_regression_explodes(tmp_path: Path) -> None:
+    cb, run = _seed001({}, tmp_path, "none")
+    assert {"exploding_gradients", "nonfinite"} & {f.kind for f in cb.findings if f.severity == "error"}, cb.findings
+
+
+def test_keras_clipping_options_are_recorded_and_shown(tmp_path: Path) -> None:
+    cb, run = _seed001({"clipnorm": 1.0}, tmp_path, "clipnorm")
+    assert run.streams[0]["defaults"]["clipnorm"] == 1.0
+    pre, post = run.step_series("grad_norm"), run.step_series("grad_norm_clipped")
+    assert np.isfinite(post).all() and (pre > 1).all()
+    assert (post <= math.sqrt(4) * (1 + 1e-4)).all(), "clipnorm clips each of the 4 variables to 1"
+    assert not {f.kind for f in cb.findings if f.severity == "error"}
+    cb, run = _seed001({"global_clipnorm": 1.0}, tmp_path, "global")
+    np.testing.assert_allclose(run.step_series("grad_norm_clipped"), 1.0, rtol=1e-4)
+    np.testing.assert_array_equal(run.step_series("clip_threshold"), 1.0)
+
+
+def test_healthy_keras_run_stays_clean(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(2)
+    x, y = make_moons(n_samples=1000, noise=0.2, random_state=0)
+    model = keras.Sequential([Input(shape=(2,)), Dense(16, activation="tanh"), Dense(16, activation="tanh"),
+                              Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
+    cb, run = _fit(model, x, y, tmp_path / "ok", epochs=10)
+    assert not [f for f in cb.findings if f.severity in ("warning", "error")], cb.findings
+
+
+SCRIPT = """
+import os
+os.environ["KERAS_BACKEND"] = "torch"
+import keras
+from keras.layers import Dense, Input
+from keras.initializers import RandomNormal
+from sklearn.datasets import make_circles
+keras.utils.set_random_seed(1)
+X, y = make_circles(n_samples=1000, factor=0.5, noise=0.1, random_state=0)
+model = keras.Sequential([Input(shape=(2,))] + [Dense(5, activation="sigmoid", kernel_initializer=RandomNormal(0.0, 1.0))
+                                                for _ in range(4)] + [Dense(1, activation="sigmoid")])
+model.compile(optimizer="rmsprop", loss="binary_crossentropy")
+model.fit(X, y, batch_size=32, epochs=8, verbose=0)
+print("done")
+"""
+
+
+def test_gradwatch_run_attaches_to_an_unmodified_keras_script(tmp_path: Path) -> None:
+    script = tmp_path / "keras_train.py"
+    script.write_text(SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--out", str(tmp_path / "r"), "--no-report", str(script)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0 and "done" in res.stdout, res.stderr
+    run = gw.load_run(tmp_path / "r")
+    assert len(run.steps) == 8 * 32 and run.streams[0]["optimizer"] == "keras.RMSprop"
+    assert np.isfinite(run.step_series("loss")).all(), "the loss backward() was called on"
+    assert "vanishing_gradients" in {f.kind for f in run.findings}
+
+
+def test_a_legacy_h5_model_loads_and_is_watched(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(3)
+    model = make_mlp("tanh", "glorot_uniform", "legacy")
+    path = tmp_path / "model.h5"
+    model.save(path)  # Keras 3 writes the legacy Keras 2 HDF5 format for .h5
+    loaded = keras.models.load_model(path, compile=False)
+    loaded.compile(optimizer="adam", loss="binary_crossentropy")
+    x, y = make_circles(n_samples=256, factor=0.5, noise=0.1, random_state=0)
+    cb, run = _fit(loaded, x, y, tmp_path / "h5", epochs=2)
+    assert len(run.steps) == 2 * 8 and len(run.layers) == 10
+    assert [w.shape for w in loaded.get_weights()][0] == (2, 5)
+
+
+def test_other_backends_are_refused_in_one_sentence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(keras.backend, "backend", lambda: "tensorflow")
+    model = make_mlp("relu", "glorot_uniform", "tf")
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    with pytest.raises(gw.GradwatchError, match="Set KERAS_BACKEND=torch before the first `import keras`"):
+        model.fit(np.zeros((4, 2)), np.zeros(4), verbose=0, callbacks=[GradWatch(out=tmp_path / "x", quiet=True)])
+
+
+def test_without_keras_the_import_says_which_extra_to_install() -> None:
+    code = ("import sys\nsys.modules['keras'] = None\nimport gradwatch\n"
+            "try:\n    import gradwatch.keras\nexcept gradwatch.GradwatchError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ERR gradwatch.keras needs Keras 3; install it with `pip install gradwatch[keras]`." in out.stdout, out.stderr
