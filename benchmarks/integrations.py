@@ -20,6 +20,8 @@ are not installed are skipped with a line saying so.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -32,7 +34,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import logging  # noqa: E402
 import warnings  # noqa: E402
 
-logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # the table is the output
+logging.disable(logging.WARNING)  # the frameworks' info lines (Lightning's "GPU available", tips): the table is the output
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
@@ -190,6 +192,7 @@ def transformers_trainer(s: Sizes, watched: bool, tmp: Path) -> float:
     model = Net()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=DS(), callbacks=callbacks,
                                    optimizers=(torch.optim.Adam(model.parameters(), lr=1e-3), None))
+    trainer.remove_callback(transformers.PrinterCallback)  # the table is the output
     trainer.train()
     return timer.ms_per_step()
 
@@ -211,23 +214,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"integration cost per step: MLP {s.depth}x{s.width}, batch {s.batch}, Adam; {s.steps} timed steps after "
           f"{s.warmup} warm-up, median of {s.repeats} runs (alternating without/with); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print()
-    print("| framework | without gradwatch ms/step | with gradwatch ms/step | ratio |")
-    print("|---|---:|---:|---:|")
+    rows = []
     for name in ns.frameworks.split(","):
         module, fn = FRAMEWORKS[name]
         try:
             __import__(module)
         except ImportError:
-            print(f"| {name} | not installed | | |")
+            rows.append(f"| {name} | not installed | | |")
             continue
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):  # the frameworks' own chatter; the table is the output
             plain, watched = [], []
             for _ in range(s.repeats):
                 plain.append(fn(s, False, Path(tmp)))
                 watched.append(fn(s, True, Path(tmp)))
         a, b = statistics.median(plain), statistics.median(watched)
-        print(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+        rows.append(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+    print()
+    print("| framework | without gradwatch ms/step | with gradwatch ms/step | ratio |")
+    print("|---|---:|---:|---:|")
+    print("\n".join(rows))
     return 0
 
 
