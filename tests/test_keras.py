@@ -98,6 +98,11 @@ def test_keras_clipping_options_are_recorded_and_shown(tmp_path: Path) -> None:
     cb, run = _seed001({"global_clipnorm": 1.0}, tmp_path, "global")
     np.testing.assert_allclose(run.step_series("grad_norm_clipped"), 1.0, rtol=1e-4)
     np.testing.assert_array_equal(run.step_series("clip_threshold"), 1.0)
+    cb, run = _seed001({"clipvalue": 5.0}, tmp_path, "clipvalue")
+    assert run.streams[0]["defaults"]["clipvalue"] == 5.0
+    pre, post = run.step_series("grad_norm"), run.step_series("grad_norm_clipped")
+    ok = np.isfinite(pre) & np.isfinite(post)
+    assert ok.any() and (post[ok] <= pre[ok] * (1 + 1e-5)).all()
 
 
 def test_healthy_keras_run_stays_clean(tmp_path: Path) -> None:
