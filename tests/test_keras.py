@@ -170,3 +170,61 @@ def test_without_keras_the_import_says_which_extra_to_install() -> None:
             "try:\n    import gradwatch.keras\nexcept gradwatch.GradwatchError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "ERR gradwatch.keras needs Keras 3; install it with `pip install gradwatch[keras]`." in out.stdout, out.stderr
+
+
+# ----------------------------------------------------------------------------- found in review
+
+
+def _regression_model(seed: int = 5):  # type: ignore[no-untyped-def]
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([Input(shape=(4,)), Dense(8, activation="tanh"), Dense(1)])
+
+
+def _xy(n: int = 64):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 4)).astype("float32")
+    return x, (x.sum(1, keepdims=True) * 3).astype("float32")
+
+
+def test_a_loss_scale_optimizer_is_recorded_unscaled(tmp_path: Path) -> None:
+    x, y = _xy()
+    runs = {}
+    for name, opt in (("plain", keras.optimizers.SGD(0.01)),
+                      ("scaled", keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01)))):
+        model = _regression_model()
+        model.compile(optimizer=opt, loss="mse")
+        _, runs[name] = _fit(model, x, y, tmp_path / name, epochs=1, batch_size=16)
+    np.testing.assert_allclose(runs["scaled"].step_series("grad_norm"), runs["plain"].step_series("grad_norm"), rtol=1e-4)
+    np.testing.assert_allclose(runs["scaled"].step_series("loss"), runs["plain"].step_series("loss"), rtol=1e-4)
+
+
+def test_the_loss_is_each_steps_own_not_the_running_mean(tmp_path: Path) -> None:
+    x, y = _xy()
+    model = _regression_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")  # lr 0: the weights stay, so each batch's loss is known
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+              callbacks=[GradWatch(out=tmp_path / "loss", quiet=True, report=False)])
+    run = gw.load_run(tmp_path / "loss")
+    expected = [float(np.mean((keras.ops.convert_to_numpy(model.predict(x[i:i + 16], verbose=0)) - y[i:i + 16]) ** 2))
+                for i in range(0, 64, 16)]
+    np.testing.assert_allclose(run.step_series("loss"), expected, rtol=1e-5)
+
+
+class _Boom(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):  # type: ignore[no-untyped-def]
+        if batch == 2:
+            raise RuntimeError("boom")
+
+
+def test_a_fit_that_raises_leaves_nothing_behind_and_a_reused_callback_writes_a_new_run(tmp_path: Path) -> None:
+    x, y = _xy()
+    model = _regression_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    cb = GradWatch(out=tmp_path / "r", quiet=True, report=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb, _Boom()])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    assert gw.load_run(tmp_path / "r").status == "crashed" and len(gw.load_run(tmp_path / "r").steps) == 3
+    second = gw.load_run(tmp_path / "r-2")
+    assert second.status == "finished" and len(second.steps) == 4
+    assert "apply" not in model.optimizer.__dict__ and "_compute_loss" not in model.__dict__

@@ -138,3 +138,26 @@ def test_without_lightning_the_import_says_which_extra_to_install() -> None:
             "try:\n    import gradwatch.lightning\nexcept gradwatch.GradwatchError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "ERR gradwatch.lightning needs Lightning; install it with `pip install gradwatch[lightning]`." in out.stdout, out.stderr
+
+
+def test_with_accumulation_each_step_gets_the_mean_loss_of_its_micro_batches(tmp_path: Path) -> None:
+    x, y = regression_001(scale_targets=True)
+    torch.manual_seed(4)
+    net = nn.Linear(20, 1)
+    module = Module(net, nn.MSELoss(), lr=0.0)  # lr 0: each micro-batch's loss is known afterwards
+    _fit(module, _loader(x[:128], y[:128]), tmp_path / "acc", epochs=1, accumulate_grad_batches=2)
+    run = gw.load_run(tmp_path / "acc")
+    with torch.no_grad():
+        raw = [float(nn.functional.mse_loss(net(x[i : i + 32]), y[i : i + 32])) for i in range(0, 128, 32)]
+    np.testing.assert_allclose(run.step_series("loss"), [(raw[0] + raw[1]) / 2, (raw[2] + raw[3]) / 2], rtol=1e-5)
+
+
+def test_a_reused_callback_writes_each_fit_to_its_own_run(tmp_path: Path) -> None:
+    x, y = regression_001(scale_targets=True)
+    torch.manual_seed(5)
+    module = Module(nn.Linear(20, 1), nn.MSELoss(), lr=0.01)
+    cb = GradWatch(out=tmp_path / "r", quiet=True, report=False)
+    for _ in range(2):
+        pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, accelerator="cpu", devices=1, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False).fit(module, _loader(x[:64], y[:64]))
+    assert gw.load_run(tmp_path / "r").status == gw.load_run(tmp_path / "r-2").status == "finished"

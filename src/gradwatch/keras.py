@@ -119,27 +119,74 @@ class KerasAttachment:
         variables = list(variables if variables is not None else model.trainable_variables)
         if not variables:
             raise GradwatchError(f"the Keras model {model.name!r} has no trainable variables; there is nothing to watch.")
+        # A LossScaleOptimizer unscales into new tensors and hands them to its inner optimizer:
+        # watch that one, which sees the true gradients.
+        optimizer = getattr(optimizer, "inner_optimizer", None) or optimizer
+        stale = optimizer.__dict__.get("apply")
+        if stale is not None and isinstance(getattr(stale, "__self__", None), KerasAttachment):
+            stale.__self__.abandon()  # a fit() that raised left its wrapper (Keras callbacks see no exceptions)
         self.watch = watch
         self.optimizer = optimizer
         self.view = _view_class(optimizer)(optimizer, variables)
         module = model if isinstance(model, torch.nn.Module) else None
         self.att = watch.add_optimizer(self.view, module, hooks=False, layer_table=layer_table(model, variables))
         self._clip = any(getattr(optimizer, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
+        self._loss: torch.Tensor | None = None
+        self._model: Any = None
         if wrap:
             self._original = optimizer.apply
             optimizer.apply = self._apply  # instance attribute: only this optimizer, undone by detach()
 
-    def before(self, grads: Any) -> None:
-        """The optimizer is about to apply ``grads`` (the variables' torch ``.grad``)."""
-        self.watch.on_before_optimizer_step(self.view)
-        if self._clip and not self.att.failed:
-            self._record_clipping(list(grads))
+    def before(self, grads: Any, variables: Any = None) -> None:
+        """The optimizer is about to apply ``grads``. They are what is recorded: the probe reads
+        ``.grad``, which a custom train_step (or a LossScaleOptimizer's unscaling) may not have
+        filled with these tensors, so each variable's ``.grad`` shows ``grads`` while the probe reads."""
+        grads = list(grads)
+        variables = list(variables) if variables is not None else self.view.variables
+        swapped = []
+        for v, g in zip(variables, grads):
+            p = getattr(v, "value", None)
+            if isinstance(p, torch.Tensor) and isinstance(g, torch.Tensor) and p.grad is not g:
+                if g.shape == p.shape and g.dtype == p.dtype and g.device == p.device:
+                    swapped.append((p, p.grad))
+                    p.grad = g
+        if self._loss is not None:
+            self.watch.stage_loss(self._loss)
+            self._loss = None
+        try:
+            self.watch.on_before_optimizer_step(self.view)
+            if self._clip and not self.att.failed:
+                self._record_clipping(grads)
+        finally:
+            for p, old in swapped:
+                p.grad = old
+
+    def capture_loss(self, model: Any) -> None:
+        """Take each training step's loss from the model's own loss computation (logs only carry the
+        epoch's running mean); undone by detach()."""
+        original = getattr(model, "_compute_loss", None)
+        if original is None:
+            return
+        attachment = self
+
+        def compute_loss(*a: Any, **k: Any) -> Any:
+            loss = original(*a, **k)
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and k.get("training", True):
+                attachment._loss = loss.detach()
+            return loss
+
+        model._compute_loss = compute_loss
+        self._model = model
 
     def after(self) -> None:
         self.watch.on_after_optimizer_step(self.view)
 
     def _apply(self, grads: Any, trainable_variables: Any = None) -> Any:
-        self.before(grads)
+        if self.watch._closed:  # the watch is gone (its fit raised): step as if never wrapped
+            self.detach()
+            return self.optimizer.apply(grads, trainable_variables)
+        grads = list(grads)
+        self.before(grads, trainable_variables)
         try:
             return self._original(grads, trainable_variables)
         finally:
@@ -163,6 +210,15 @@ class KerasAttachment:
     def detach(self) -> None:
         if self.optimizer.__dict__.get("apply") == self._apply:
             del self.optimizer.apply
+        if self._model is not None and "_compute_loss" in self._model.__dict__:
+            del self._model._compute_loss
+            self._model = None
+
+    def abandon(self) -> None:
+        """Undo a wrapper whose fit() raised, and close its run as crashed."""
+        self.detach()
+        if not self.watch._closed:
+            self.watch.close(status="crashed")
 
 
 class GradWatch(keras.callbacks.Callback):
@@ -180,6 +236,7 @@ class GradWatch(keras.callbacks.Callback):
         self.watch_options = watch_options
         self.watch: Watch | None = None
         self._attachment: KerasAttachment | None = None
+        self._fits = 0
         self.findings: list[Any] = []
 
     def on_train_begin(self, logs: Any = None) -> None:
@@ -187,19 +244,22 @@ class GradWatch(keras.callbacks.Callback):
         model = self.model
         if model.optimizer is None:
             raise GradwatchError("the Keras model has no optimizer; compile it before fit().")
+        if self._attachment is not None:  # the previous fit() with this callback raised
+            self._attachment.abandon()
+            self._attachment = None
+        self._fits += 1
         out = self.out if self.out is not None else default_out("keras")
+        if self.out is not None and self._fits > 1:  # fit() again with the same callback: a new run beside it
+            out = f"{self.out}-{self._fits}"
         self.watch = Watch(model if isinstance(model, torch.nn.Module) else None, out=out, _lazy=True, **self.watch_options)
         self.watch._print_summary = not self.watch.quiet
+        self.watch._exit_status = "crashed"  # closed at exit without on_train_end: fit() raised
         try:
             self._attachment = KerasAttachment(self.watch, model, model.optimizer)
+            self._attachment.capture_loss(model)
         except BaseException:
             self.watch.close(status="crashed")
             raise
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        loss = (logs or {}).get("loss")
-        if self.watch is not None and loss is not None:
-            self.watch.log(loss if isinstance(loss, torch.Tensor) else float(loss))
 
     def on_train_end(self, logs: Any = None) -> None:
         if self._attachment is not None:

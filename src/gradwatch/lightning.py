@@ -58,6 +58,9 @@ class GradWatch(Callback):
         self._handles: list[Any] = []
         self._clip: float | None = None
         self._findings: list[Any] = []
+        self._fits = 0
+        self._loss_sum: torch.Tensor | None = None  # micro-batch losses since the last optimizer step
+        self._stepped = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -65,7 +68,11 @@ class GradWatch(Callback):
         if trainer.global_rank != 0:
             return  # one writer per run: rank 0 (other ranks see the same all-reduced gradients)
         self._trainer = trainer
+        self._fits += 1
         out = self.out if self.out is not None else default_out("lightning")
+        if self.out is not None and self._fits > 1:  # fit() again with the same callback: a new run beside it
+            out = f"{self.out}-{self._fits}"
+        self._loss_sum, self._stepped = None, False
         self.watch = Watch(pl_module, out=out, _lazy=True, **self.watch_options)
         self.watch._print_summary = not self.watch.quiet
         self.watch.window_listeners.append(self._log_window)
@@ -87,6 +94,7 @@ class GradWatch(Callback):
         if self._clip is not None and not att.failed and att.guards is None:
             self._record_clipping(att)
         w.on_after_optimizer_step(optimizer)
+        self._stepped = True
 
     @torch.no_grad()
     def _record_clipping(self, att: Any) -> None:
@@ -108,9 +116,16 @@ class GradWatch(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: torch.nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.watch is None:
             return
+        # With accumulate_grad_batches=k Lightning hands each micro-batch's loss already divided by k,
+        # and the optimizer steps inside the last micro-batch: their sum is the step's mean loss.
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self.watch.log(loss.detach())
+            loss = loss.detach()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        if self._stepped:
+            if self._loss_sum is not None:
+                self.watch.log(self._loss_sum)
+            self._loss_sum, self._stepped = None, False
 
     def _log_window(self, chunk: Chunk) -> None:
         logger = self._trainer.logger if self._trainer is not None else None

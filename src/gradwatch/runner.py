@@ -160,7 +160,8 @@ class _KerasHooks:
             att = hooks._attachment(opt, trainable_variables)
             if att is None:
                 return original(opt, grads, trainable_variables)
-            att.before(grads)
+            grads = list(grads)
+            att.before(grads, trainable_variables)
             try:
                 return original(opt, grads, trainable_variables)
             finally:
@@ -179,6 +180,7 @@ class _KerasHooks:
             variables = list(variables if variables is not None else opt._trainable_variables)
             model = find_keras_model(variables)
             self._attached[key] = KerasAttachment(self._watch, model, opt, variables, wrap=False)
+            self._attached[key].capture_loss(model)  # the unscaled loss, also under a LossScaleOptimizer
         except GradwatchError as e:
             self._refused.add(key)
             print(f"gradwatch: not recording {type(opt).__name__}: {e}", file=sys.stderr)

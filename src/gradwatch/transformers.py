@@ -160,10 +160,11 @@ class GradWatchCallback(TrainerCallback):
         self._opt = None
 
     def _at_exit(self) -> None:
-        """The interpreter is exiting with the run still open: train() raised (sys.last_type says what)."""
+        """The interpreter is exiting with the run still open: train() never reached on_train_end, so
+        it raised (caught or not); sys.last_type says whether it was Ctrl-C."""
         last = getattr(sys, "last_type", None)
-        if self.watch is not None and last is not None:
-            self._close("interrupted" if issubclass(last, KeyboardInterrupt) else "crashed")
+        if self.watch is not None:
+            self._close("interrupted" if last is not None and issubclass(last, KeyboardInterrupt) else "crashed")
 
     # -- the step ---------------------------------------------------------------------------------
 

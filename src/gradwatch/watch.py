@@ -162,6 +162,9 @@ class Watch:
         self._findings: list[Any] | None = None
         self._closed = False
         self._status = "running"
+        #: Status if this watch is still open when the interpreter exits (integrations whose
+        #: framework reports no exception set it to "crashed": a normal end would have closed it).
+        self._exit_status = "finished"
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -576,7 +579,7 @@ _live: "weakref.WeakSet[Watch]" = weakref.WeakSet()
 def _close_all(status: str) -> None:
     for w in list(_live):
         try:
-            w.close(status=status)
+            w.close(status=w._exit_status if status == "finished" else status)
         except Exception as e:  # the record is best effort at this point; say why it failed
             print(f"gradwatch: could not finish {w.out}: {e}", file=sys.stderr)
 
