@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .errors import GradwatchError
-from .probe.torch import l2_norms
+from .probe.torch import global_norm
 from .store import LayerInfo
 from .watch import Watch, default_out
 
@@ -195,14 +195,9 @@ class KerasAttachment:
     @torch.no_grad()
     def _record_clipping(self, grads: list[Any]) -> None:
         opt, probe = self.optimizer, self.att.probe
-        clipped = [g for g in opt._clip_gradients(grads) if g is not None]
-        if not clipped:
+        after = global_norm([g for g in opt._clip_gradients(grads) if g is not None], probe.device)
+        if after is None:
             return
-        by: dict[tuple, list[torch.Tensor]] = {}
-        for g in clipped:
-            by.setdefault((g.device, g.dtype), []).append(g)
-        after = torch.linalg.vector_norm(torch.stack(
-            [n.to(device=probe.device, dtype=torch.float32) for group in by.values() for n in l2_norms(group)]))
         limit = opt.global_clipnorm or (opt.clipnorm if not opt.clipvalue else None)
         threshold = torch.full((), float(limit) if limit else math.nan, device=probe.device)
         probe.record_guards(after, after / probe.last_global_norm(), threshold, False, False)

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from .errors import GradwatchError
-from .probe.torch import l2_norms
 from .store import Chunk
 from .watch import Watch, default_out
 
@@ -100,14 +99,9 @@ class GradWatch(Callback):
     def _record_clipping(self, att: Any) -> None:
         """The norm Lightning's clipping left (the gradients are still the clipped ones after the step)."""
         probe = att.probe
-        grads = [p.grad for p in probe._params if p.grad is not None and not p.grad.is_sparse]
-        if not grads:
+        after = probe.current_grad_norm()
+        if after is None:
             return
-        by: dict[tuple, list[torch.Tensor]] = {}
-        for g in grads:
-            by.setdefault((g.device, g.dtype), []).append(g)
-        norms = [n.to(device=probe.device, dtype=torch.float32) for group in by.values() for n in l2_norms(group)]
-        after = torch.linalg.vector_norm(torch.stack(norms))
         raw = probe.last_global_norm()
         threshold = torch.full((), self._clip if self._trainer.gradient_clip_algorithm in (None, "norm") else math.nan,
                                device=probe.device)

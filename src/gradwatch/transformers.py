@@ -54,7 +54,6 @@ from typing import Any
 import torch
 
 from .errors import GradwatchError
-from .probe.torch import l2_norms
 from .watch import Watch, default_out
 
 try:
@@ -235,14 +234,9 @@ class GradWatchCallback(TrainerCallback):
         if not measured:  # recorded after the clipping already: the norm before it is unknown
             probe.record_guards(raw, torch.full((), math.nan, device=probe.device), threshold, False, False)
             return
-        grads = [p.grad for p in probe._params if p.grad is not None and not p.grad.is_sparse]
-        if not grads:
+        after = probe.current_grad_norm()
+        if after is None:
             return
-        by: dict[tuple, list[torch.Tensor]] = {}
-        for g in grads:
-            by.setdefault((g.device, g.dtype), []).append(g)
-        norms = [n.to(device=probe.device, dtype=torch.float32) for group in by.values() for n in l2_norms(group)]
-        after = torch.linalg.vector_norm(torch.stack(norms))
         probe.record_guards(after, after / raw, threshold, False, False)
 
     @torch.no_grad()

@@ -213,6 +213,16 @@ def l2_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return torch._foreach_norm(tensors, 2, dtype=torch.float32)
 
 
+def global_norm(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The L2 norm of all ``tensors`` together (as ``clip_grad_norm_`` defines it), a float32 scalar
+    on ``device``: one foreach launch per (device, dtype), no host read. None for no tensors."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    norms = [n.to(device=device, dtype=torch.float32) for group in groups.values() for n in l2_norms(group)]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
 def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
     flat = x.detach().reshape(-1)
     return [flat[i : i + _CHUNK] for i in range(0, flat.numel(), _CHUNK)]
@@ -533,6 +543,10 @@ class TorchProbe:
             torch._foreach_sub_(before, group.weights)
             self._put(ring_row, "dw_norm", ("dw", gi), group.layer_ids, l2_norms(before))
         self._snapshot = None
+
+    def current_grad_norm(self) -> torch.Tensor | None:
+        """The global norm of the gradients as they are now (e.g. after a framework clipped them)."""
+        return global_norm([p.grad for p in self._params if p.grad is not None and not p.grad.is_sparse], self.device)
 
     def last_global_norm(self) -> torch.Tensor:
         """The global gradient norm of the step just committed, as a device scalar (no host read)."""
