@@ -160,16 +160,23 @@ def regression_001(scale_targets: bool) -> tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------------------------------ unhealthy
 
 
-def vanishing_sigmoid_mlp(out: Path) -> None:
-    """After seed 004's failing model, deeper: make_circles, 7 hidden sigmoid layers of 12, N(0, 1)
-    init, plain SGD. Each sigmoid passes back at most a quarter of the gradient; over the first 100
-    steps the first layer gets 0.5% of the last layer's gradient RMS."""
-    torch.manual_seed(0)
-    x, y = circles()
+def deep_sigmoid_mlp(seed: int = 0) -> nn.Sequential:
+    """After seed 004's failing model, deeper: 2 inputs, 7 hidden sigmoid layers of 12, one logit;
+    N(0, 1) weights, zero biases."""
+    torch.manual_seed(seed)
     model = _mlp([2] + [12] * 7 + [1], nn.Sigmoid)
     for m in _linears(model):
         nn.init.normal_(m.weight, 0.0, 1.0)
         nn.init.zeros_(m.bias)
+    return model
+
+
+def vanishing_sigmoid_mlp(out: Path) -> None:
+    """deep_sigmoid_mlp on make_circles with plain SGD. Each sigmoid passes back at most a quarter
+    of the gradient; over the first 100 steps the first layer gets 0.5% of the last layer's
+    gradient RMS."""
+    x, y = circles()
+    model = deep_sigmoid_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fit(model, opt, x, y, nn.BCEWithLogitsLoss(), out, steps=300)
 

@@ -361,6 +361,20 @@ class _SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _count_syncs_in_hooks(w, per_step: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """Run each of the watch's two step hooks under its own counter; append the counts."""
+
+    def counted(fn):  # type: ignore[no-untyped-def]
+        def call(o):  # type: ignore[no-untyped-def]
+            c = _SyncCounter()
+            with c:
+                fn(o)
+            per_step.append(c.syncs)
+        return call
+
+    w.on_before_optimizer_step, w.on_after_optimizer_step = counted(w.on_before_optimizer_step), counted(w.on_after_optimizer_step)
+
+
 GUARDS = {
     "ClipNorm": lambda: ClipNorm(1.0),
     "ClipValue": lambda: ClipValue(0.1),
@@ -384,17 +398,7 @@ def test_guards_do_not_sync(tmp_path: Path, name: str, fused: bool) -> None:
     x, y = _data(4)
     per_step: list[int] = []
     with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False, guards=[GUARDS[name]()], flush_every=7) as w:
-        before, after = w.on_before_optimizer_step, w.on_after_optimizer_step
-
-        def counted(fn):  # type: ignore[no-untyped-def]
-            def call(o):  # type: ignore[no-untyped-def]
-                c = _SyncCounter()
-                with c:
-                    fn(o)
-                per_step.append(c.syncs)
-            return call
-
-        w.on_before_optimizer_step, w.on_after_optimizer_step = counted(before), counted(after)
+        _count_syncs_in_hooks(w, per_step)
         for _ in range(20):
             loss = ((model(x) - y) ** 2).mean()
             opt.zero_grad()
@@ -579,17 +583,7 @@ def test_skip_with_stateless_sgd_never_syncs(tmp_path: Path) -> None:
     per_step: list[int] = []
     x, y = _data(13)
     with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False, guards=[SkipNonFinite()]) as w:
-        before, after = w.on_before_optimizer_step, w.on_after_optimizer_step
-
-        def counted(fn):  # type: ignore[no-untyped-def]
-            def call(o):  # type: ignore[no-untyped-def]
-                c = _SyncCounter()
-                with c:
-                    fn(o)
-                per_step.append(c.syncs)
-            return call
-
-        w.on_before_optimizer_step, w.on_after_optimizer_step = counted(before), counted(after)
+        _count_syncs_in_hooks(w, per_step)
         for _ in range(8):
             loss = ((model(x) - y) ** 2).mean()
             opt.zero_grad()

@@ -16,7 +16,7 @@ pl = pytest.importorskip("lightning.pytorch")
 import gradwatch as gw  # noqa: E402
 from gradwatch.lightning import GradWatch  # noqa: E402
 
-from scenarios import circles, regression_001  # noqa: E402
+from scenarios import circles, deep_sigmoid_mlp, regression_001  # noqa: E402
 
 
 class Module(pl.LightningModule):
@@ -49,24 +49,9 @@ def _fit(module: pl.LightningModule, loader, out: Path, epochs: int, **trainer_o
     return cb, trainer
 
 
-def _sigmoid_net() -> nn.Module:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    width = 2
-    for _ in range(7):
-        layers += [nn.Linear(width, 12), nn.Sigmoid()]
-        width = 12
-    net = nn.Sequential(*layers, nn.Linear(12, 1))
-    for m in net.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 1.0)
-            nn.init.zeros_(m.bias)
-    return net
-
-
 def test_vanishing_sigmoid_net_is_found(tmp_path: Path) -> None:
     x, y = circles()
-    cb, _ = _fit(Module(_sigmoid_net(), nn.BCEWithLogitsLoss()), _loader(x, y), tmp_path / "sig", epochs=10)
+    cb, _ = _fit(Module(deep_sigmoid_mlp(), nn.BCEWithLogitsLoss()), _loader(x, y), tmp_path / "sig", epochs=10)
     run = gw.load_run(tmp_path / "sig")
     assert run.layers[0].name == "net.0.weight" and run.status == "finished"
     assert "vanishing_gradients" in {f.kind for f in cb.findings}

@@ -18,7 +18,7 @@ import gradwatch as gw  # noqa: E402
 import gradwatch.transformers as gwt  # noqa: E402
 from gradwatch.transformers import GradWatchCallback  # noqa: E402
 
-from scenarios import circles, regression_001  # noqa: E402
+from scenarios import circles, deep_sigmoid_mlp, regression_001  # noqa: E402
 
 MAX_STEPS = 20
 LOGGING_STEPS = 5
@@ -217,21 +217,6 @@ def test_a_train_that_raised_is_closed_as_crashed_when_the_next_one_begins(tmp_p
 # ----------------------------------------------------------------------- the seeds, through the Trainer
 
 
-def _sigmoid_net() -> nn.Module:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    width = 2
-    for _ in range(7):
-        layers += [nn.Linear(width, 12), nn.Sigmoid()]
-        width = 12
-    net = nn.Sequential(*layers, nn.Linear(12, 1))
-    for m in net.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 1.0)
-            nn.init.zeros_(m.bias)
-    return net
-
-
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path, optimizer: torch.optim.Optimizer,
          steps: int, **args):  # type: ignore[no-untyped-def]
     return _train(model, Pairs(x, y), out, optimizer=optimizer, max_steps=steps, per_device_train_batch_size=32,
@@ -240,7 +225,7 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path, optimize
 
 def test_vanishing_sigmoid_net_is_found(tmp_path: Path) -> None:
     x, y = circles()
-    model = WithLoss(_sigmoid_net(), nn.BCEWithLogitsLoss())
+    model = WithLoss(deep_sigmoid_mlp(), nn.BCEWithLogitsLoss())
     cb, _ = _fit(model, x, y, tmp_path / "sig", torch.optim.SGD(model.parameters(), lr=0.1), steps=320)
     run = gw.load_run(tmp_path / "sig")
     assert run.layers[0].name == "net.0.weight" and run.status == "finished"
