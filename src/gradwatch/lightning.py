@@ -73,6 +73,7 @@ class GradWatch(Callback):
             out = f"{self.out}-{self._fits}"
         self._loss_sum, self._stepped = None, False
         self.watch = Watch(pl_module, out=out, _lazy=True, **self.watch_options)
+        self.watch.reduce_ranks = False  # only rank 0 records (no collective may run on it alone)
         self.watch._print_summary = not self.watch.quiet
         self.watch.window_listeners.append(self._log_window)
         clip = trainer.gradient_clip_val

@@ -120,6 +120,7 @@ class GradWatchCallback(TrainerCallback):
             return
         out = self.out if self.out is not None else default_out("transformers")
         self.watch = Watch(model, out=out, _lazy=True, **self.watch_options)
+        self.watch.reduce_ranks = False  # only the main process records (no collective may run on it alone)
         self.watch._print_summary = not self.watch.quiet
         self.run_dir = self.watch.out
         self._opt = optimizer

@@ -29,6 +29,7 @@ from torch import nn
 from . import shutdown
 from .errors import GradwatchError
 from .guards.base import Guard, GuardChain, GuardSetup, GuardStep, GuardStop, as_guard_list, say_to_stderr
+from .probe.distributed import process_rank
 from .probe.torch import ProbeConfig, TorchProbe, build_layer_table
 from .store import Chunk, LayerInfo, RunWriter, StreamWriter, load_run
 
@@ -74,6 +75,56 @@ class _Attached:
         self.guard_step: GuardStep | None = None
         self.handles: list[Any] = []
         self.failed = False
+
+
+class _NullStream:
+    """A stream on a rank that does not write (data parallel: rank 0 writes the run)."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.rows_written = 0
+
+    def append(self, chunk: Chunk) -> None:
+        self.rows_written += len(chunk)
+
+
+class _NullWriter:
+    """RunWriter's interface for ranks other than 0: the layer table in memory, no file touched."""
+
+    def __init__(self) -> None:
+        self.layers: list[LayerInfo] = []
+        self.streams: list[dict[str, Any]] = []
+        self.meta: dict[str, Any] = {}
+
+    def add_stream(self, layers: Sequence[LayerInfo], info: dict[str, Any], label: str | None = None) -> _NullStream:
+        index = len(self.streams)
+        first = len(self.layers)
+        self.layers.extend(layers)
+        self.streams.append({"index": index, "label": label or f"opt{index}", "layers": list(range(first, len(self.layers))), **info})
+        return _NullStream(index)
+
+    def update_meta(self, **fields: Any) -> None:
+        self.meta.update(fields)
+
+    def finish(self, status: str = "finished") -> None:
+        self.meta["status"] = status
+
+
+def unwrap_model(model: nn.Module | None) -> nn.Module | None:
+    """The user's module inside DistributedDataParallel / torch.compile wrappers (same parameters),
+    so layers keep their own module paths (``0.weight``, not ``module.0.weight`` or ``_orig_mod.0.weight``)."""
+    seen = 0
+    while model is not None and seen < 8:
+        seen += 1
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(model, nn.DataParallel):
+            model = model.module
+            continue
+        break
+    return model
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -138,6 +189,7 @@ class Watch:
             )
         if model is not None and not _lazy and not any(True for _ in model.parameters()):
             raise GradwatchError(f"the model ({type(model).__name__}) has no parameters; there is nothing to watch.")
+        model = unwrap_model(model)
         self.config = ProbeConfig(flush_every=flush_every, sample_every=sample_every)
         self._guards = as_guard_list(guards)
         # Fresh copies for further optimizers, taken before the first stream's guards hold any state.
@@ -147,6 +199,13 @@ class Watch:
         self.quiet = quiet
         self._optimizers = optimizers
         self._overwrite = overwrite
+        #: This process's rank under torch.distributed (torchrun's RANK before the group exists):
+        #: only rank 0 writes the run, prints, diagnoses and reports; the others compute the same
+        #: statistics (they take part in the reductions) and touch no file.
+        self.rank = process_rank()
+        #: Whether every rank runs this watch, so statistics are summed over ranks at each flush
+        #: (integrations that record on rank 0 only turn it off).
+        self.reduce_ranks = True
         self._writer: RunWriter | None = None
         self._attached: dict[int, _Attached] = {}
         self._last: _Attached | None = None
@@ -181,10 +240,20 @@ class Watch:
             self.add_optimizer(opt, self.model)
         return self
 
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run (rank 0, or no torch.distributed)."""
+        return self.rank == 0
+
     def _ensure_writer(self) -> RunWriter:
         if self._writer is None:
-            options = {**asdict(self.config)}
-            self._writer = RunWriter(self.out, options=options, framework=framework_info(), overwrite=self._overwrite)
+            self.rank = process_rank()  # the process group may have started since construction
+            if not self.writes:
+                self.quiet = True  # one voice per job: rank 0's
+                self._writer = _NullWriter()  # type: ignore[assignment]
+            else:
+                options = {**asdict(self.config)}
+                self._writer = RunWriter(self.out, options=options, framework=framework_info(), overwrite=self._overwrite)
             _live.add(self)
             shutdown.acquire()
         return self._writer
@@ -210,6 +279,7 @@ class Watch:
         if key in self._attached:
             return self._attached[key]
         params = _optimizer_params(optimizer)
+        model = unwrap_model(model)
         if model is not None and layer_table is None:
             # Layers in the model's order (input side first, as the gradient-flow profile reads);
             # frozen parameters (in no optimizer) ride along in the first stream; parameters the
@@ -240,10 +310,12 @@ class Watch:
             writer.update_meta()
         att = _Attached(optimizer, stream)
         att.probe = TorchProbe(params, layers, self.config, lambda chunk: self._on_window(att, chunk), model=model)
+        att.probe.reduce_ranks = self.reduce_ranks
         if self._guards:
             # The first optimizer uses the guard objects given (so their counters can be read back).
             guards = self._guards if not self._attached else copy.deepcopy(self._guard_templates)
-            setup = GuardSetup(optimizer, model, layers, params, att.probe.device, say_to_stderr(self.quiet))
+            setup = GuardSetup(optimizer, model, layers, params, att.probe.device, say_to_stderr(self.quiet),
+                               reduce_norms=att.probe.reduce_step_norms)
             att.guards = GuardChain(guards, setup)
             att.probe.keep_step_inputs = True
         if hooks:
@@ -328,7 +400,7 @@ class Watch:
         w = self._windows
         # Every window at first, then at powers of two: online diagnosis stays O(n log n) overall.
         # Quiet watches announce nothing, so they skip it; the final diagnosis runs either way.
-        if self.diagnose_online and not self.quiet and (w <= ONLINE_EVERY_WINDOW_UNTIL or w & (w - 1) == 0):
+        if self.diagnose_online and not self.quiet and self.writes and (w <= ONLINE_EVERY_WINDOW_UNTIL or w & (w - 1) == 0):
             self._diagnose_online()
 
     def _diagnose_online(self) -> None:
@@ -411,6 +483,8 @@ class Watch:
                 self._status = status
                 _live.discard(self)
                 shutdown.release()
+            if not self.writes:
+                return  # rank 0 diagnoses, reports and prints
             self._final_diagnosis()
             if self.report:
                 self._write_report()
@@ -499,16 +573,19 @@ class Watch:
 
     @property
     def run(self):
-        """The stored run, read back (flushes first if still recording)."""
-        if not self._closed:
+        """The stored run, read back (flushes first if still recording; under torch.distributed it
+        reads what is stored, since a flush on one rank alone would wait for the others)."""
+        if not self.writes:
+            raise GradwatchError(f"rank {self.rank} does not write the run; read it on rank 0 (or load_run({str(self.out)!r}) there).")
+        if not self._closed and not (self._attached and any(a.probe.reducer is not None for a in self._attached.values())):
             self.flush()
         return load_run(self.out)
 
     @property
     def findings(self) -> list[Any]:
         """The :class:`~gradwatch.diagnose.Finding` list: final once closed, so far while recording."""
-        if self._writer is None:
-            return []
+        if self._writer is None or not self.writes:
+            return []  # under torch.distributed, rank 0 holds the diagnosis
         if self._findings is not None:
             return list(self._findings)
         from .diagnose import diagnose

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import GradwatchError
-from ..probe.torch import l2_norms
+from ..probe.torch import per_tensor_norms
 from ..store import Chunk, LayerInfo
 
 
@@ -47,6 +47,8 @@ class GuardSetup:
     params: list[torch.Tensor]  # in layer-table order
     device: torch.device
     say: Callable[[str], None]  # prints one line unless the watch is quiet
+    #: Per-layer norms of this rank's gradients -> the global ones (data parallel; identity otherwise).
+    reduce_norms: Callable[[Sequence[int], torch.Tensor], torch.Tensor] | None = None
 
 
 class GuardStep:
@@ -71,8 +73,10 @@ class GuardStep:
         grads: list[torch.Tensor],
         layer_norms: torch.Tensor,
         device: torch.device,
+        reduce_norms: Callable[[Sequence[int], torch.Tensor], torch.Tensor] | None = None,
     ):
         self.index = index
+        self._reduce = reduce_norms
         self.layer_ids = layer_ids
         self.params = params
         self.grads = grads
@@ -94,11 +98,9 @@ class GuardStep:
         element-wise)."""
         if self._norm is None:
             if self.layer_norms is None:
-                per_grad: list[torch.Tensor] = [self.raw_norm] * len(self.grads)
-                for ids in self._groups().values():
-                    for i, n in zip(ids, l2_norms([self.grads[i] for i in ids])):
-                        per_grad[i] = n.to(device=self.device, dtype=torch.float32)
-                self.layer_norms = torch.stack(per_grad)
+                norms = per_tensor_norms(self.grads, self.device)
+                # Under data parallelism these are this rank's (shard's) norms: make them global.
+                self.layer_norms = norms if self._reduce is None else self._reduce(self.layer_ids, norms)
             self._norm = torch.linalg.vector_norm(self.layer_norms)
         return self._norm
 
@@ -225,7 +227,7 @@ class GuardChain:
         ids, params, grads, norms = inputs
         if not grads or norms is None:
             return None
-        step = GuardStep(index, ids, params, grads, norms, self.setup.device)
+        step = GuardStep(index, ids, params, grads, norms, self.setup.device, self.setup.reduce_norms)
         try:
             self._run(step)
         except BaseException:

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import GradwatchError
+from ..probe.distributed import local_tensor
 from .base import Guard, GuardSetup, GuardStep
 
 
@@ -144,11 +145,12 @@ class AGC(_Counted):
         for i, p, g in zip(step.layer_ids, step.params, step.grads):
             if i in self._excluded or g.numel() == 0:
                 continue
+            w = local_tensor(p.detach())  # FSDP2 shards whole rows (units): unit norms stay local
             if g.dim() <= 1:
-                w_norm, g_norm = p.detach().abs(), g.abs()
+                w_norm, g_norm = w.abs(), g.abs()
             else:
                 dims = tuple(range(1, g.dim()))
-                w_norm = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True)
+                w_norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True)
                 g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True)
             max_norm = torch.clamp(w_norm, min=self.eps) * self.clipping
             over = g_norm > max_norm

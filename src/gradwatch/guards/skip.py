@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import GradwatchError
+from ..probe.distributed import local_tensor
 from .base import Guard, GuardSetup, GuardStep, GuardStop, Window
 
 
@@ -58,7 +59,8 @@ class SkipNonFinite(Guard):
         step.request_skip(~torch.isfinite(step.raw_norm))
         self._armed = True
         state = self._opt.state
-        self._params = list(step.params)
+        # This rank's part of each tensor (an FSDP2 DTensor's local shard; a plain tensor itself).
+        self._params = [local_tensor(p.detach()) for p in step.params]
         # Parameters without optimizer state yet: if this step creates some, its initial values are
         # not known beforehand, so a skipped step removes it again (one host read, at that step only).
         self._stateless = [p for p in step.params if not state.get(p)]
@@ -73,10 +75,10 @@ class SkipNonFinite(Guard):
                     self._entries.append((state[p], k, v))
                 else:
                     self._host_values.append((state[p], k, v))
-        live = self._params + [v for _, _, v in self._entries]
+        live = self._params + [local_tensor(v.detach()) for _, _, v in self._entries]
         self._saved = [self._buffer(t) for t in live]
         if live:
-            torch._foreach_copy_(self._saved, [t.detach() for t in live])
+            torch._foreach_copy_(self._saved, live)
         if self._host_values and not self._warned:
             self._warned = True
             self._say(f"SkipNonFinite: {type(self._opt).__name__} keeps plain-number state, which cannot be "
@@ -135,20 +137,24 @@ class SkipNonFinite(Guard):
             return  # the kernel skipped the update itself
         n = len(self._params)
         for p, saved in zip(self._params, self._saved[:n]):
-            torch.where(skip, saved, p.detach(), out=p.detach())
+            torch.where(skip, saved, p, out=p)
         for (st, k, old), saved in zip(self._entries, self._saved[n:]):
             cur = st.get(k)
             if cur is old:
-                torch.where(skip, saved, old, out=old)
-            elif isinstance(cur, torch.Tensor):  # the optimizer replaced the tensor instead of updating it
-                st[k] = torch.where(skip, saved, cur)
+                local = local_tensor(old.detach())
+                torch.where(skip, saved, local, out=local)
+            elif isinstance(cur, torch.Tensor) and cur is local_tensor(cur):
+                st[k] = torch.where(skip, saved, cur)  # the optimizer replaced the tensor instead of updating it
 
     def _restore_exactly(self) -> None:
         n = len(self._params)
         for p, saved in zip(self._params, self._saved[:n]):
-            p.detach().copy_(saved)
-        for (st, k, _), saved in zip(self._entries, self._saved[n:]):
-            st[k] = saved.clone()
+            p.copy_(saved)
+        for (st, k, old), saved in zip(self._entries, self._saved[n:]):
+            if st.get(k) is old and old is not local_tensor(old):
+                local_tensor(old.detach()).copy_(saved)  # a DTensor stays one
+            else:
+                st[k] = saved.clone()
         for st, k, v in self._host_values:
             st[k] = v
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import GradwatchError
 from ..store import HIST_BINS, HIST_EXP_MAX, HIST_EXP_MIN, LAYER_METRICS, STEP_METRICS, Chunk, LayerInfo
+from .distributed import WindowReducer, is_dtensor, local_tensor, world
 
 # ------------------------------------------------------------------------------------ layer table
 
@@ -184,9 +185,12 @@ class _Group:
     def __init__(self, layer_ids: list[int], params: list[torch.Tensor]):
         self.layer_ids = layer_ids
         self.params = params
-        self.weights = [p.detach() for p in params]
+        # FSDP2 parameters are DTensors: statistics are of this rank's shard (a local view, taken
+        # afresh at each use because FSDP may re-point it), combined over the ranks at the flush.
+        self._sharded = any(is_dtensor(p) for p in params)
+        self._weights = [p.detach() for p in params]
         self.device = params[0].device
-        size = min(max(p.numel() for p in params), _CHUNK)
+        size = min(max(local_tensor(p).numel() for p in params), _CHUNK)
         self.scratch = torch.empty(size, dtype=torch.float32, device=self.device)
         self.scratch64 = torch.empty(size, dtype=torch.float64, device=self.device)
         # The pre-step copy of the weights for ‖Δw‖. On CPU it is kept between sampled steps:
@@ -194,6 +198,12 @@ class _Group:
         # accelerators the caching allocator reuses memory, so the copy lives only for one step.
         self.keep_snapshot = self.device.type == "cpu"
         self.snapshot: list[torch.Tensor] | None = None
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        if self._sharded:
+            return [local_tensor(p.detach()) for p in self.params]
+        return self._weights
 
     def take_snapshot(self) -> list[torch.Tensor]:
         if not self.keep_snapshot:
@@ -221,6 +231,19 @@ def global_norm(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.
         groups.setdefault((t.device, t.dtype), []).append(t)
     norms = [n.to(device=device, dtype=torch.float32) for group in groups.values() for n in l2_norms(group)]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
+def per_tensor_norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The L2 norm of each tensor, in order, stacked as float32 on ``device`` (one foreach launch per
+    (device, dtype) group; no host read)."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for ids in groups.values():
+        for i, n in zip(ids, l2_norms([tensors[i] for i in ids])):
+            out[i] = n.to(device=device, dtype=torch.float32)
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
@@ -408,6 +431,13 @@ class TorchProbe:
         self._pending_loss: torch.Tensor | float | None = None
         self._snapshot: list[list[torch.Tensor]] | None = None
         self._lr_tensor = False
+        #: Combines statistics over data-parallel ranks (set at the first step when a process group
+        #: with several ranks is initialised by then; None in a single process).
+        self._reducer: WindowReducer | None = None
+        self._world_checked = False
+        #: Whether every rank runs this probe (so windows may be summed over them). Integrations that
+        #: record on rank 0 only turn it off: a collective on one rank alone would wait forever.
+        self.reduce_ranks = True
         self._tap: _ActivationTap | None = None
         if model is not None:
             layer_of = {id(p): i for i, p in enumerate(self._params)}
@@ -415,6 +445,20 @@ class TorchProbe:
             self._tap = _ActivationTap(model, layer_of, acts)
             if config.is_sampled(0):
                 self._tap.attach()  # the next forward belongs to step 0
+
+    def _start_reducer(self) -> None:
+        self._world_checked = True
+        w = world() if self.reduce_ranks else None
+        if w is not None:
+            self._reducer = WindowReducer(self._params, w[0], w[1], _BLOCKS, _STEP_SLOTS, _LOSS, self.device)
+
+    @property
+    def reducer(self) -> WindowReducer | None:
+        return self._reducer
+
+    def reduce_step_norms(self, layer_ids: Sequence[int], norms: torch.Tensor) -> torch.Tensor:
+        """Per-layer norms of this rank's gradients -> the global ones (unchanged in one process)."""
+        return norms if self._reducer is None else self._reducer.reduce_norms(layer_ids, norms)
 
     def _slot_index(self, key: tuple, block: str, layer_ids: Sequence[int]) -> torch.Tensor:
         """Ring columns of ``block`` for ``layer_ids``, built once per pattern (no per-step H2D copy)."""
@@ -442,6 +486,8 @@ class TorchProbe:
     @torch.no_grad()
     def on_before_optimizer_step(self, lr: float | torch.Tensor | None = None) -> None:
         """Queue this step's statistics; gradients must be final."""
+        if not self._world_checked:
+            self._start_reducer()
         if self._rows == self.config.flush_every:
             self.flush()
         row, step = self._rows, self.step
@@ -472,7 +518,7 @@ class TorchProbe:
                 g = p.grad
                 if g is not None and not g.is_sparse:
                     ids.append(i)
-                    grads.append(g)
+                    grads.append(local_tensor(g))
                     params.append(p)
             self._present[row, ids] = True
             key = (gi, tuple(ids))
@@ -491,6 +537,8 @@ class TorchProbe:
         self._snapshot = snapshot if sampled else None
         if self.keep_step_inputs:
             norms_all = None if not all_norms else all_norms[0] if len(all_norms) == 1 else torch.cat(all_norms)
+            if norms_all is not None:
+                norms_all = self.reduce_step_norms(all_ids, norms_all)  # same decisions on every rank
             self.step_inputs = (all_ids, all_params, all_grads, norms_all)
         if self._tap is not None and self._tap.attached:
             dead_ids, dead, sat_ids, sat = self._tap.detach()
@@ -546,14 +594,21 @@ class TorchProbe:
 
     def current_grad_norm(self) -> torch.Tensor | None:
         """The global norm of the gradients as they are now (e.g. after a framework clipped them)."""
-        return global_norm([p.grad for p in self._params if p.grad is not None and not p.grad.is_sparse], self.device)
+        ids = [i for i, p in enumerate(self._params) if p.grad is not None and not p.grad.is_sparse]
+        grads = [local_tensor(self._params[i].grad) for i in ids]  # type: ignore[arg-type]
+        if self._reducer is None:
+            return global_norm(grads, self.device)
+        if not ids:
+            return None
+        return torch.linalg.vector_norm(self.reduce_step_norms(ids, per_tensor_norms(grads, self.device)))
 
     def last_global_norm(self) -> torch.Tensor:
         """The global gradient norm of the step just committed, as a device scalar (no host read)."""
         n = len(self._params)
         start = _STEP_SLOTS + _BLOCKS.index("g_norm") * n
         norms = self._ring[self._rows - 1, start : start + n]
-        return torch.linalg.vector_norm(torch.where(torch.isnan(norms), 0.0, norms))
+        norms = torch.where(torch.isnan(norms), 0.0, norms)
+        return torch.linalg.vector_norm(self.reduce_step_norms(range(n), norms))
 
     @torch.no_grad()
     def record_guards(
@@ -607,12 +662,17 @@ class TorchProbe:
         if n == 0:
             return
         used = self._ring[:n].numel() if n_hist == 0 else self._buf.numel()
-        self._staging[:used].copy_(self._buf[:used], non_blocking=self._staging.is_pinned())
-        if self._staging.is_pinned():
-            torch.cuda.current_stream(self.device).synchronize()  # sync-ok: the one sync per flush
-        host = self._staging.numpy()  # sync-ok: host memory, after the one copy
-        ring = host[: self._ring.numel()].reshape(self._ring.shape)[:n].astype(np.float64)
-        hist = host[self._ring.numel() :].reshape(self._hist.shape)[:n_hist].astype(np.float64)
+        if self._reducer is not None:
+            # One all_reduce of the window over the ranks; its result crosses to the host once.
+            sampled_rows = np.searchsorted(self._steps[:n], np.array(self._hist_steps, np.int64)).tolist()  # sync-ok: numpy
+            ring, hist = self._reducer.reduce_window(self._ring[:n], self._hist[:n_hist], self._loss_logged, sampled_rows)
+        else:
+            self._staging[:used].copy_(self._buf[:used], non_blocking=self._staging.is_pinned())
+            if self._staging.is_pinned():
+                torch.cuda.current_stream(self.device).synchronize()  # sync-ok: the one sync per flush
+            host = self._staging.numpy()  # sync-ok: host memory, after the one copy
+            ring = host[: self._ring.numel()].reshape(self._ring.shape)[:n].astype(np.float64)
+            hist = host[self._ring.numel() :].reshape(self._hist.shape)[:n_hist].astype(np.float64)
         self._sink(self._derive(ring, n, hist))
         # Only once the window is stored: if the sink failed, the next flush tries it again.
         self._buf[:used].fill_(math.nan)  # steps write only what they compute; the rest stays NaN

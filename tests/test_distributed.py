@@ -1,0 +1,138 @@
+"""Data parallel (DDP, FSDP2) with 2 gloo processes on CPU: the numbers equal one process's, rank 0
+alone writes, guard decisions are the same on every rank, and nothing waits forever."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import gradwatch as gw
+from gradwatch.diagnose import diagnose
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_worker  # noqa: E402
+from scenarios import deep_sigmoid_mlp  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+
+WORLD = 2
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(case: str, tmp: Path) -> list[dict]:
+    """Run ``case`` on WORLD spawned ranks; fail (never hang) if they do not finish in time."""
+    ctx = mp.start_processes(dist_worker.worker, args=(WORLD, _free_port(), case, str(tmp)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{case}: the ranks did not finish in {TIMEOUT_S} s (a rank waits forever)")
+    infos = []
+    for r in range(WORLD):
+        path = tmp / f"info-{r}.json"
+        infos.append(json.loads(path.read_text()) if path.exists() else {})
+    return infos
+
+
+def reference(tmp: Path, steps: int = dist_worker.STEPS, guards=None, lr: float = 0.1):  # type: ignore[no-untyped-def]
+    """The same training in this one process, on whole batches."""
+    model = deep_sigmoid_mlp().double()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with gw.watch(model, opt, out=tmp / "ref", quiet=True, report=False, flush_every=dist_worker.FLUSH,
+                      sample_every=dist_worker.SAMPLE, guards=guards) as w:
+            dist_worker.train(model, opt, w, 0, 1, steps=steps)
+    finally:
+        torch.set_num_threads(threads)
+    return model
+
+
+def assert_same_numbers(ref_dir: Path, run_dir: Path) -> None:
+    ref, run = gw.load_run(ref_dir), gw.load_run(run_dir)
+    assert [li.name for li in run.layers] == [li.name for li in ref.layers]  # original module paths
+    assert [li.shape for li in run.layers] == [li.shape for li in ref.layers]  # unsharded shapes
+    np.testing.assert_array_equal(run.steps, ref.steps)
+    for metric in ("grad_norm", "grad_rms", "grad_std", "grad_maxabs", "weight_norm", "weight_std",
+                   "weight_mean", "update_ratio"):
+        a, b = run.layer_series(metric), ref.layer_series(metric)
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=metric)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=0, equal_nan=True, err_msg=metric)
+    # A gradient's mean can be a cancellation (~0): compare it on the scale of its RMS.
+    mean, rms = run.layer_series("grad_mean"), ref.layer_series("grad_rms")
+    np.testing.assert_allclose(mean, ref.layer_series("grad_mean"), rtol=1e-5, atol=float(np.nanmax(rms)) * 1e-5,
+                               equal_nan=True)
+    np.testing.assert_allclose(run.layer_series("grad_zero_frac"), ref.layer_series("grad_zero_frac"), equal_nan=True)
+    _, h_run, _ = run.histograms()
+    _, h_ref, _ = ref.histograms()
+    # Histogram counts of |g| by power of two: a value at a bin edge may land one bin over.
+    assert np.abs(h_run - h_ref).sum() <= 0.01 * h_ref.sum()
+    for name in ("loss", "grad_norm", "lr"):
+        np.testing.assert_allclose(run.step_series(name), ref.step_series(name), rtol=1e-5, err_msg=name)
+    f_run = [(f.kind, f.severity, f.layers, f.first_step) for f in diagnose(run)]
+    f_ref = [(f.kind, f.severity, f.layers, f.first_step) for f in diagnose(ref)]
+    assert f_run == f_ref
+    assert any(k == "vanishing_gradients" for k, *_ in f_ref)  # the comparison has something to compare
+
+
+@pytest.mark.parametrize("case", ["ddp", "fsdp"])
+def test_per_layer_numbers_equal_one_process(case: str, tmp_path: Path) -> None:
+    infos = run_ranks(case, tmp_path)
+    ref_model = reference(tmp_path)
+    assert_same_numbers(tmp_path / "ref", tmp_path / "run")
+    # Only rank 0 wrote; rank 1 touched no file of its run directory.
+    assert infos[0]["writes"] and not infos[1]["writes"]
+    assert not (tmp_path / "run-rank1").exists()
+    assert infos[0]["steps"] == infos[1]["steps"] == dist_worker.STEPS
+    # One all_reduce per flush (no guards): 60 steps / flush_every 10 = 6 windows.
+    assert infos[0]["collectives"] == infos[1]["collectives"] == dist_worker.STEPS // dist_worker.FLUSH
+    if case == "fsdp":
+        assert infos[0]["full_tensor"] == infos[1]["full_tensor"] == 0
+    weights = torch.load(tmp_path / "weights.pt")
+    for name, p in ref_model.named_parameters():
+        torch.testing.assert_close(weights[name], p.detach(), rtol=1e-5, atol=1e-6)
+    assert gw.load_run(tmp_path / "run").status == "finished"
+
+
+def test_fsdp_clip_norm_uses_the_global_norm(tmp_path: Path) -> None:
+    """ClipNorm under FSDP2 scales every shard by one coefficient from the unsharded norm, so the
+    run follows the single-process ClipNorm run (a per-shard norm would clip differently)."""
+    run_ranks("fsdp_clip", tmp_path)
+    ref_model = reference(tmp_path, steps=20, guards=[gw.guards.ClipNorm(0.05)], lr=0.5)
+    weights = torch.load(tmp_path / "weights.pt")
+    for name, p in ref_model.named_parameters():
+        torch.testing.assert_close(weights[name], p.detach(), rtol=1e-5, atol=1e-6)
+    run, ref = gw.load_run(tmp_path / "run"), gw.load_run(tmp_path / "ref")
+    clipped = ref.step_series("clip_coef") < 1
+    assert clipped.sum() >= 5  # the threshold bites
+    np.testing.assert_allclose(run.step_series("clip_coef"), ref.step_series("clip_coef"), rtol=1e-5)
+    np.testing.assert_allclose(run.step_series("grad_norm_clipped"), ref.step_series("grad_norm_clipped"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["nan_rank1", "nan_rank1_fsdp"])
+def test_nan_on_one_rank_makes_every_rank_skip(case: str, tmp_path: Path) -> None:
+    infos = run_ranks(case, tmp_path)
+    assert infos[0]["skipped"] == infos[1]["skipped"] == [5, 12, 13]
+    assert infos[0]["identical"] and infos[1]["identical"]  # the weights never diverged
+    assert infos[0]["finite"] and infos[1]["finite"]
+    assert infos[0]["steps"] == infos[1]["steps"] == 30
+    run = gw.load_run(tmp_path / "run")
+    assert np.flatnonzero(run.step_series("skipped")).tolist() == [5, 12, 13]
+    assert not (tmp_path / "run-rank1").exists()
