@@ -110,7 +110,7 @@ class WindowReducer:
         n = len(params)
         self.n = n
         reps = np.array([replicas(p, world_size) for p in params], np.float64)
-        self.sharded = bool((reps < world_size).any())
+        self.sharded = any(r < world_size for r in reps.tolist())  # sync-ok: numpy, at set-up
         self._weight = torch.tensor(1.0 / reps, dtype=torch.float64, device=device)  # per layer
         local_n = np.array([local_tensor(p).numel() for p in params], np.float64)
         self._local_n = torch.tensor(np.maximum(local_n, 1.0), dtype=torch.float64, device=device)
