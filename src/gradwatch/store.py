@@ -43,11 +43,14 @@ STEP_METRICS: tuple[str, ...] = (
     "clip_threshold",     # the norm threshold in force (ClipNorm's max_norm, ZClip's and AutoClip's)
     "skipped",            # 1 where a guard made the optimizer step a no-op
     "rolled_back",        # 1 where Rollback restored a snapshot before this step
+    # Mixed precision (torch.amp.GradScaler); NaN (0 for the flag) without one:
+    "amp_scale",          # the loss scale in force at the step
+    "amp_skipped",        # 1 where GradScaler skipped the step (inf/NaN in the scaled gradients)
 )
 #: Step metrics that only guards write.
 GUARD_METRICS = ("grad_norm_clipped", "clip_coef", "clip_threshold", "skipped", "rolled_back")
 #: Step metrics that are flags: several streams combine them with "any".
-_FLAG_METRICS = ("skipped", "rolled_back")
+_FLAG_METRICS = ("skipped", "rolled_back", "amp_skipped")
 #: Step metrics that are global norms: several streams combine them as the norm over all layers.
 _NORM_METRICS = ("grad_norm", "grad_norm_clipped")
 

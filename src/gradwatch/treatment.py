@@ -34,6 +34,7 @@ NEEDS_CODE = {
     "scale_targets": "standardise the targets in the script (e.g. sklearn's StandardScaler)",
     "check_data": "look for NaN/Inf in the input data",
     "reduce_depth": "remove layers from the model definition",
+    "set_dtype": "autocast to bfloat16 instead of float16 (torch.autocast(..., dtype=torch.bfloat16), no GradScaler)",
 }
 
 

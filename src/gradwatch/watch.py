@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import shutdown
+from . import amp, shutdown
 from .errors import GradwatchError
 from .guards.base import Guard, GuardChain, GuardSetup, GuardStep, GuardStop, as_guard_list, say_to_stderr
 from .probe.distributed import process_rank
@@ -206,6 +206,7 @@ class Watch:
         #: Whether every rank runs this watch, so statistics are summed over ranks at each flush
         #: (integrations that record on rank 0 only turn it off).
         self.reduce_ranks = True
+        amp.install(_amp_listener)  # GradScaler.step tells us the steps it skips
         self._writer: RunWriter | None = None
         self._attached: dict[int, _Attached] = {}
         self._last: _Attached | None = None
@@ -337,8 +338,15 @@ class Watch:
                     att.probe.stage_loss(self._staged_loss)
                     self._staged_loss = None
                 att.probe.on_before_optimizer_step(_current_lr(optimizer))
+                inputs = att.probe.step_inputs
+                scaler = amp.scaler_for(optimizer)
+                if scaler is not None:
+                    grad_scale = self._record_amp(att, scaler)
+                    if grad_scale is not None and inputs[3] is not None:
+                        # A fused optimizer unscales inside its kernel: guards judge unscaled norms.
+                        inputs = (*inputs[:3], inputs[3] / grad_scale.reshape(()).to(inputs[3].device))
                 if att.guards is not None:
-                    step = att.guards.before_step(att.probe.step - 1, att.probe.step_inputs)
+                    step = att.guards.before_step(att.probe.step - 1, inputs)
                     att.guard_step = step
                     if step is not None:
                         try:
@@ -350,6 +358,34 @@ class Watch:
                             raise
             except GuardStop:
                 raise  # a guard gave up on purpose: the training loop must stop, with its message
+            except Exception as e:
+                self._fail(att, e)
+
+    def _record_amp(self, att: _Attached, scaler: Any) -> torch.Tensor | None:
+        """GradScaler is stepping this optimizer: record its scale and (fused optimizers) its inf flag;
+        return the scale the gradients still carry, if they do."""
+        opt = att.optimizer
+        fused = bool(getattr(opt, "_step_supports_amp_scaling", False))
+        grad_scale = getattr(opt, "grad_scale", None) if fused else None
+        found = getattr(opt, "found_inf", None) if fused else None
+        scaled = isinstance(grad_scale, torch.Tensor)
+        att.probe.record_amp(amp.scale_of(scaler), found if isinstance(found, torch.Tensor) else False, grads_scaled=scaled)
+        return grad_scale if scaled else None
+
+    def _record_amp_skip(self, att: _Attached, scaler: Any) -> None:
+        """GradScaler found inf/NaN in the gradients and did not call optimizer.step(): a step all the
+        same (its statistics show where the overflow was), marked as skipped by AMP."""
+        if att.failed or self._closed:
+            return
+        self._last = att
+        with shutdown.critical:
+            try:
+                if self._staged_loss is not None:
+                    att.probe.stage_loss(self._staged_loss)
+                    self._staged_loss = None
+                att.probe.on_before_optimizer_step(_current_lr(att.optimizer))
+                att.probe.record_amp(amp.scale_of(scaler), True)
+                att.probe.on_after_optimizer_step()
             except Exception as e:
                 self._fail(att, e)
 
@@ -591,6 +627,22 @@ class Watch:
         from .diagnose import diagnose
 
         return diagnose(self.run)
+
+
+def _amp_listener(scaler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """Before a GradScaler step: note each watching stream's step count; after it, a count that did
+    not move means the scaler skipped optimizer.step()."""
+    targets = [(w, w._attached[id(optimizer)]) for w in list(_live) if id(optimizer) in w._attached]
+    if not targets:
+        return None
+    before = [(w, att, att.probe.step) for w, att in targets]
+
+    def after() -> None:
+        for w, att, n in before:
+            if att.probe.step == n:
+                w._record_amp_skip(att, scaler)
+
+    return after
 
 
 def _remedy_text(r: Any) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import RunDirError
 from ..store import FINDINGS_FILE, FORMAT_VERSION, Run, _write_json_atomic, load_run
+from .amp import WithoutAmpSkips, amp_skipped, amp_stuck
 from .guarded import account_for_guards
 from .finding import KINDS, SEVERITIES, Finding, Remedy
 from .rules import RULES, RunLike, run_rules
@@ -27,7 +28,12 @@ def diagnose(run: RunLike | str | os.PathLike[str]) -> list[Finding]:
     """
     if isinstance(run, (str, os.PathLike)):
         run = load_run(run)
-    findings = account_for_guards(run, run_rules(run, RULES))
+    skipped_by_amp = amp_skipped(run)
+    seen = WithoutAmpSkips(run, skipped_by_amp) if skipped_by_amp.any() else run
+    findings = account_for_guards(seen, run_rules(seen, RULES))
+    stuck = amp_stuck(run, skipped_by_amp) if skipped_by_amp.any() else None
+    if stuck is not None and not any(f.kind == "nonfinite" for f in findings):
+        findings.append(stuck)
     return sorted(findings, key=lambda f: (-_SEVERITY_ORDER[f.severity], f.first_step, KINDS.index(f.kind)))
 
 

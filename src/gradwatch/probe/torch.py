@@ -172,9 +172,12 @@ class ProbeConfig:
 
 # Raw slots of a ring row: two step slots, then blocks of one value per layer.
 _BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w_cnorm", "dw_norm", "a_dead", "a_sat")
-# Step slots: the loss and lr, then what guards did (written by record_guards).
-_LOSS, _LR, _NORM_AFTER, _COEF, _THRESHOLD, _SKIPPED = range(6)
-_STEP_SLOTS = 6
+# Step slots: the loss and lr, what guards did (written by record_guards), the AMP loss scale and
+# whether GradScaler skipped the step (record_amp).
+_LOSS, _LR, _NORM_AFTER, _COEF, _THRESHOLD, _SKIPPED, _AMP_SCALE, _AMP_SKIPPED = range(8)
+_STEP_SLOTS = 8
+#: Ring blocks that scale with the gradients (divided by the loss scale where they carried it).
+_GRAD_BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max")
 _EXP_BINS = 256  # every value of a float32's 8-bit exponent field
 _CHUNK = 1 << 22  # elements per scratch pass: bounds a group's scratch at 48 MiB
 
@@ -418,6 +421,7 @@ class TorchProbe:
         self._loss_logged = np.zeros(cap, np.float64)
         self._present = np.zeros((cap, n), bool)
         self._rolled = np.zeros(cap, np.float64)
+        self._grads_scaled = np.zeros(cap, bool)  # rows whose gradients still carried the AMP loss scale
         self._hist_steps: list[int] = []
         #: Whether to keep each step's gradients and norms for guards (set by a watch with guards).
         self.keep_step_inputs = False
@@ -499,6 +503,7 @@ class TorchProbe:
         self._lr[row] = lr if isinstance(lr, (int, float)) else math.nan
         self._present[row] = False
         self._rolled[row] = 0
+        self._grads_scaled[row] = False
         ring_row = self._ring[row]  # all NaN: filled at creation and after each flush
         if isinstance(lr, torch.Tensor):
             self._lr_tensor = True
@@ -627,6 +632,21 @@ class TorchProbe:
         row[_NORM_AFTER : _SKIPPED + 1].copy_(torch.stack([v.to(device=self.device, dtype=torch.float32) for v in values]))
         self._rolled[self._rows - 1] = 1.0 if rolled_back else 0.0
 
+    @torch.no_grad()
+    def record_amp(self, scale: torch.Tensor | None, skipped: torch.Tensor | bool, grads_scaled: bool = False) -> None:
+        """GradScaler's part in the step just committed: its loss scale (a device tensor), whether it
+        skipped the step (a device flag or a host bool), and whether the gradients the statistics were
+        taken from still carry the scale (fused optimizers unscale inside their kernel), in which case
+        the flush divides them by it. No host read."""
+        row = self._ring[self._rows - 1]
+        if scale is not None:
+            row[_AMP_SCALE].copy_(scale.detach().reshape(()).to(device=self.device, dtype=torch.float32), non_blocking=True)
+        if isinstance(skipped, torch.Tensor):
+            row[_AMP_SKIPPED].copy_((skipped.detach().reshape(()) > 0).to(device=self.device, dtype=torch.float32))
+        else:
+            row[_AMP_SKIPPED].fill_(1.0 if skipped else 0.0)
+        self._grads_scaled[self._rows - 1] = grads_scaled and scale is not None
+
     def remove_hooks(self) -> None:
         """Take the activation hooks off the model (the watch is closing)."""
         if self._tap is not None:
@@ -690,6 +710,8 @@ class TorchProbe:
         numel = self._numel[None, :]
         present = self._present[:n]
         hist_rows = np.searchsorted(self._steps[:n], np.array(self._hist_steps, np.int64))
+        if self._grads_scaled[:n].any():
+            exp_counts = self._unscale(ring, n, exp_counts, hist_rows, block)
         zeros = np.full((n, L), np.nan)
         zeros[hist_rows] = exp_counts[:, :, 0]  # exponent 0: exact zeros (and subnormals)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -729,6 +751,8 @@ class TorchProbe:
             "clip_threshold": ring[:, _THRESHOLD],
             "skipped": np.nan_to_num(ring[:, _SKIPPED], nan=0.0),  # no guard: nothing skipped
             "rolled_back": self._rolled[:n].copy(),
+            "amp_scale": ring[:, _AMP_SCALE],
+            "amp_skipped": np.nan_to_num(ring[:, _AMP_SKIPPED], nan=0.0),  # no GradScaler: nothing skipped
         }
         assert set(steps) == set(STEP_METRICS) and set(layer) == set(LAYER_METRICS)
         return Chunk(
@@ -738,6 +762,31 @@ class TorchProbe:
             hist_steps=np.array(self._hist_steps, np.int64),
             hist=fold_exponent_counts(exp_counts),
         )
+
+
+    def _unscale(self, ring: np.ndarray, n: int, exp_counts: np.ndarray, hist_rows: np.ndarray, block) -> np.ndarray:  # type: ignore[no-untyped-def]
+        """Rows whose gradients carried GradScaler's loss scale (a fused optimizer unscales inside its
+        kernel, after the statistics were taken): divide the gradient sums by it and shift the log2
+        histogram by log2(scale) bins (GradScaler's scales are powers of two)."""
+        rows = np.flatnonzero(self._grads_scaled[:n])
+        scale = ring[rows, _AMP_SCALE][:, None]
+        for name in _GRAD_BLOCKS:
+            b = block(name)
+            b[rows] = b[rows] / scale
+        counts = exp_counts.copy()
+        for h, r in enumerate(hist_rows):
+            if not self._grads_scaled[r] or not np.isfinite(ring[r, _AMP_SCALE]) or ring[r, _AMP_SCALE] <= 0:
+                continue
+            k = int(round(math.log2(ring[r, _AMP_SCALE])))
+            inner = exp_counts[h, :, 1:_EXP_BINS - 1]  # exponent 0 (zeros) and 255 (inf/NaN) stay put
+            shifted = np.zeros_like(inner)
+            if k >= 0:
+                shifted[:, : inner.shape[1] - k] = inner[:, k:]
+                shifted[:, 0] += inner[:, :k].sum(axis=1)  # below the smallest normal: the lowest bin
+            else:
+                shifted[:, -k:] = inner[:, : inner.shape[1] + k]
+            counts[h, :, 1:_EXP_BINS - 1] = shifted
+        return counts
 
 
 def fold_exponent_counts(counts: np.ndarray) -> np.ndarray:
