@@ -104,6 +104,33 @@ def case_ddp(rank: int, world: int, tmp: Path) -> None:
         torch.save(full_state(model), tmp / "weights.pt")
 
 
+def case_ddp_accum(rank: int, world: int, tmp: Path) -> None:
+    """DDP with gradient accumulation: 2 micro-batches per rank, no_sync() on the first, so the
+    all-reduce happens once per optimizer step; statistics are of the accumulated gradient."""
+    model = deep_sigmoid_mlp().double()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    x, y = circles()
+    x, y = x.double(), y.double()
+    loss_fn = nn.BCEWithLogitsLoss()
+    with _watch(ddp, opt, _out(tmp, rank)) as w:
+        for idx in batches(x):
+            micro = idx.chunk(world)[rank].chunk(2)
+            opt.zero_grad()
+            total = 0.0
+            with ddp.no_sync():
+                loss = loss_fn(ddp(x[micro[0]]), y[micro[0]]) / 2
+                loss.backward()
+                total = total + loss.detach()
+            loss = loss_fn(ddp(x[micro[1]]), y[micro[1]]) / 2
+            loss.backward()
+            opt.step()
+            w.log(loss=total + loss.detach())
+    _save(tmp, rank, "info", {"writes": w.writes, "steps": w.steps})
+    if rank == 0:
+        torch.save(full_state(model), tmp / "weights.pt")
+
+
 def _fsdp_model(dtype: torch.dtype = torch.float64) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -199,6 +226,7 @@ def case_nan_rank1_fsdp(rank: int, world: int, tmp: Path) -> None:
 
 CASES = {
     "ddp": case_ddp,
+    "ddp_accum": case_ddp_accum,
     "fsdp": case_fsdp,
     "fsdp_clip": case_fsdp_clip,
     "nan_rank1": case_nan_rank1,

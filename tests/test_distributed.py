@@ -111,6 +111,15 @@ def test_per_layer_numbers_equal_one_process(case: str, tmp_path: Path) -> None:
     assert gw.load_run(tmp_path / "run").status == "finished"
 
 
+def test_ddp_gradient_accumulation_records_the_accumulated_gradient(tmp_path: Path) -> None:
+    """Two micro-batches per rank (no_sync on the first): one record per optimizer step, equal to the
+    single-process whole-batch step."""
+    infos = run_ranks("ddp_accum", tmp_path)
+    reference(tmp_path)
+    assert infos[0]["steps"] == dist_worker.STEPS
+    assert_same_numbers(tmp_path / "ref", tmp_path / "run")
+
+
 def test_fsdp_clip_norm_uses_the_global_norm(tmp_path: Path) -> None:
     """ClipNorm under FSDP2 scales every shard by one coefficient from the unsharded norm, so the
     run follows the single-process ClipNorm run (a per-shard norm would clip differently)."""

@@ -43,7 +43,8 @@ def find_owner_module(params: Sequence[torch.Tensor]) -> nn.Module | None:
     with warnings.catch_warnings():
         # isinstance() on some lazily deprecated torch objects warns; the scan is not the user's.
         warnings.simplefilter("ignore")
-        modules = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
+        # type(), not isinstance(): a dead weakref proxy (torch.compile leaves some) raises on isinstance.
+        modules = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
     for obj in modules:
         ids = {id(p) for p in obj.parameters()}
         covered = len(wanted & ids)

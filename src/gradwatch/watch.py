@@ -515,6 +515,7 @@ class Watch:
                 self.flush()
             finally:
                 self._record_guards()
+                self._record_notes()
                 self._writer.finish(status)
                 self._status = status
                 _live.discard(self)
@@ -532,6 +533,16 @@ class Watch:
             print(f"gradwatch: recorded {steps} steps x {n_layers} layers -> {self.out}", file=sys.stderr)
             if self._print_summary:
                 self._summarise()
+
+    def _record_notes(self) -> None:
+        """What a stream could not record, and why, into meta.json (and on stderr unless quiet)."""
+        for att in self._attached.values():
+            note = att.probe.activation_note
+            if note is None:
+                continue
+            self._writer.streams[att.stream.index]["activation_stats"] = f"off: {note}"  # type: ignore[union-attr]
+            if not self.quiet:
+                print(f"gradwatch: activation statistics are off: {note}.", file=sys.stderr)
 
     def _record_guards(self) -> None:
         """What each stream's guards did, into meta.json (and on stderr unless quiet)."""

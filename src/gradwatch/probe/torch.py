@@ -306,6 +306,15 @@ class _ActivationTap:
     <= 0 never fires through a ReLU); per layer: the share of values beyond the saturation threshold
     of the activation that follows, where the layer table knows it. Several forwards in one step
     (gradient accumulation) are combined.
+
+    Under ``torch.compile`` the hooks are traced into the graph. Taking them off would make dynamo
+    recompile (and a graph compiled without them is reused when they come back: dynamo does not
+    guard on hooks it has not seen, so they would silently stop running). So a hook that finds
+    itself being compiled makes the tap *sticky*: the hooks stay on, their values are collected at
+    every step and kept only on sampled ones. A model compiled before the hooks were on (a warm-up
+    forward before ``watch``; ``gradwatch run``, which attaches at the first optimizer step) never
+    runs them: the first step whose gradients exist without any hook having fired turns the tap off,
+    with a note saying why.
     """
 
     def __init__(self, model: nn.Module, layer_of: dict[int, int], activations: dict[int, str | None]):
@@ -318,20 +327,29 @@ class _ActivationTap:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._unit_max: dict[int, torch.Tensor] = {}
         self._sat: dict[int, list[torch.Tensor]] = {}
+        self.sticky = False  # the hooks are part of a compiled graph: they stay on
+        self.fired = False  # a hook ran since the last collect()
+        self.judge = False  # attached before a whole forward: if none fires, something bypasses them
+        #: Why activation statistics are off (None while they are on).
+        self.off_reason: str | None = None
 
     @property
     def attached(self) -> bool:
         return len(self._handles) > 0
 
-    def attach(self) -> None:
+    def attach(self, judge: bool = False) -> None:
         if self._handles or not self.targets:
             return
+        self.judge = judge
         self._unit_max, self._sat = {}, {}
         for module, i, threshold in self.targets:
             self._handles.append(module.register_forward_hook(self._hook(i, threshold, isinstance(module, nn.Linear))))
 
     def _hook(self, i: int, threshold: float | None, linear: bool):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if torch.compiler.is_compiling():
+                self.sticky = True  # traced into a graph: removing the hook would recompile it
+            self.fired = True
             if not isinstance(output, torch.Tensor) or output.numel() == 0:
                 return
             with torch.no_grad():
@@ -353,11 +371,19 @@ class _ActivationTap:
             h.remove()
         self._handles = []
 
+    def turn_off(self, reason: str) -> None:
+        self.remove()
+        self.targets = []
+        self.off_reason = reason
+
     def detach(self) -> tuple[list[int], list[torch.Tensor], list[int], list[torch.Tensor]]:
-        """Remove the hooks; return (layers, dead fractions) and (layers, saturated fractions)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """Remove the hooks (unless a compiled graph holds them); return (layers, dead fractions) and
+        (layers, saturated fractions) of the forwards since the last call."""
+        if not self.sticky:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+        self.fired = False
         dead_ids = list(self._unit_max)
         dead = [(m <= 0).to(torch.float32).mean() for m in self._unit_max.values()]
         sat_ids = [i for i, (_, total) in self._sat.items() if total]
@@ -546,7 +572,15 @@ class TorchProbe:
                 norms_all = self.reduce_step_norms(all_ids, norms_all)  # same decisions on every rank
             self.step_inputs = (all_ids, all_params, all_grads, norms_all)
         if self._tap is not None and self._tap.attached:
-            dead_ids, dead, sat_ids, sat = self._tap.detach()
+            tap = self._tap
+            fired, judge = tap.fired, tap.judge
+            dead_ids, dead, sat_ids, sat = tap.detach()
+            if judge and not fired and not tap.sticky and self._present[row].any():
+                tap.turn_off("the model's forward ran without gradwatch's activation hooks (a torch.compile "
+                             "graph traced before they were attached); dead and saturated units are judged "
+                             "from the gradients alone")
+            if not sampled:
+                dead, sat = [], []  # a sticky tap collects at every step; only sampled steps keep it
             if dead:
                 self._put(ring_row, "a_dead", ("ad", tuple(dead_ids)), dead_ids, dead)
             if sat:
@@ -588,7 +622,7 @@ class TorchProbe:
         """On sampled steps, record ‖Δw‖ of the update the optimizer actually made; before a sampled
         step, put the activation hooks on for its forward pass."""
         if self._tap is not None and self.config.is_sampled(self.step):
-            self._tap.attach()
+            self._tap.attach(judge=True)
         if self._snapshot is None:
             return
         ring_row = self._ring[self._rows - 1]  # the row that on_before_optimizer_step committed
@@ -646,6 +680,11 @@ class TorchProbe:
         else:
             row[_AMP_SKIPPED].fill_(1.0 if skipped else 0.0)
         self._grads_scaled[self._rows - 1] = grads_scaled and scale is not None
+
+    @property
+    def activation_note(self) -> str | None:
+        """Why activation statistics are off for this stream, if they are."""
+        return self._tap.off_reason if self._tap is not None else None
 
     def remove_hooks(self) -> None:
         """Take the activation hooks off the model (the watch is closing)."""
