@@ -236,3 +236,25 @@ def test_guards_under_grad_scaler_judge_unscaled_gradients(tmp_path: Path) -> No
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
     for a, b in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_report_and_summary_show_amp(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from gradwatch.report.html import write_report
+    from gradwatch.report.terminal import print_summary
+
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False) as w:
+        _train_scaled(model, opt, scaler, w)
+    run = gw.load_run(tmp_path / "r")
+    console = Console(record=True, width=200)
+    print_summary(run, console=console, layers=False)
+    text = console.export_text()
+    assert "loss scale 65536 -> 16384, 2 steps skipped by GradScaler (at 3, 7" in text
+    assert "non-finite" not in text  # the overflows GradScaler caught are not the run's problem
+    html = write_report(tmp_path / "r").read_text()
+    assert "2 steps skipped by GradScaler" in html
+    assert "Recording notes" in html

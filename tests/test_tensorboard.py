@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.store import GUARD_METRICS, STEP_METRICS, hist_edges
+from gradwatch.store import AMP_METRICS, GUARD_METRICS, STEP_METRICS, hist_edges
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
@@ -61,7 +61,7 @@ def test_tags_exist(run, events):
     # every step series that is about training (not bookkeeping) is exported; nothing else is
     exported = {t for t in tags["scalars"] if "/" not in t}
     # (what guards did is exported only for runs that had guards; this one has none)
-    assert exported == set(STEP_METRICS) - {"time", "sampled", "loss_logged"} - set(GUARD_METRICS)
+    assert exported == set(STEP_METRICS) - {"time", "sampled", "loss_logged"} - set(GUARD_METRICS) - set(AMP_METRICS)
 
 
 def test_every_step_scalars_match_the_stored_series(run, events):

@@ -49,6 +49,8 @@ STEP_METRICS: tuple[str, ...] = (
 )
 #: Step metrics that only guards write.
 GUARD_METRICS = ("grad_norm_clipped", "clip_coef", "clip_threshold", "skipped", "rolled_back")
+#: Step metrics that only a GradScaler writes.
+AMP_METRICS = ("amp_scale", "amp_skipped")
 #: Step metrics that are flags: several streams combine them with "any".
 _FLAG_METRICS = ("skipped", "rolled_back", "amp_skipped")
 #: Step metrics that are global norms: several streams combine them as the norm over all layers.

@@ -91,6 +91,18 @@ def _guard_name(g: dict) -> str:  # type: ignore[type-arg]
     return f"<code>{_e(g.get('name', '?'))}({_e(args)})</code>"
 
 
+def _notes_html(run: Run) -> str:
+    """Mixed precision and what was not recorded, one line each ("" when there is nothing to say)."""
+    lines = []
+    amp = plots.amp_text(run)
+    if amp:
+        lines.append(f"<li>AMP: {_e(amp)}</li>")
+    for s in run.streams:
+        if s.get("activation_stats"):
+            lines.append(f"<li>{_e(s.get('label', ''))}: activation statistics {_e(str(s['activation_stats']))}</li>")
+    return f"<h2 id='notes'>Recording notes</h2><ul>{''.join(lines)}</ul>" if lines else ""
+
+
 def _guards_html(run: Run) -> str:
     """What each stream's guards were and did: their summary lines and the rollbacks ("" without guards)."""
     streams = [s for s in run.streams if s.get("guards") or s.get("guard_summary") or s.get("rollbacks")]
@@ -147,7 +159,7 @@ def render(run: Run) -> str:
         ("activations", "Activations: dead and saturated units", plots.activation_plot),
     ]
     body = [f"<h1>gradwatch report — {_e(run.path.name)}</h1>", "<h2 id='findings'>Findings</h2>", _findings_html(findings),
-            _guards_html(run)]
+            _guards_html(run), _notes_html(run)]
     if len(run.steps) == 0:
         body.append("<p>No optimizer step was recorded, so there is nothing to plot.</p>")
     else:

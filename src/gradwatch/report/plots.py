@@ -61,10 +61,28 @@ def _bin_columns(values: np.ndarray, steps: np.ndarray, limit: int = MAX_COLUMNS
 
 
 def nonfinite_steps(run: Run) -> np.ndarray:
+    """Steps with a non-finite gradient or logged loss — not counting the overflows GradScaler
+    caught and skipped (AMP calibrating its loss scale)."""
     flags = np.nan_to_num(run.layer_series("grad_nonfinite"), nan=0.0) > 0
+    flags &= ~(np.nan_to_num(run.step_series("amp_skipped"), nan=0.0) > 0)[:, None]
     loss = run.step_series("loss")
     logged = run.step_series("loss_logged") > 0
     return run.steps[flags.any(axis=1) | (~np.isfinite(loss) & logged)]
+
+
+def amp_text(run: Run) -> str | None:
+    """``loss scale 65536 -> 16384, 2 steps skipped by GradScaler (at 3, 7)``; None without a GradScaler."""
+    scale = run.step_series("amp_scale").astype(np.float64)
+    seen = np.isfinite(scale)
+    if not seen.any():
+        return None
+    skipped = flagged_steps(run, "amp_skipped")
+    first, last = scale[seen][0], scale[seen][-1]
+    text = f"loss scale {first:.6g} -> {last:.6g}, {skipped.size} step{'s' * (skipped.size != 1)} skipped by GradScaler"
+    if skipped.size:
+        shown = ", ".join(str(int(s)) for s in skipped[:8]) + (", ..." if skipped.size > 8 else "")
+        text += f" (at {shown}; overflows it caught: not findings)"
+    return text
 
 
 def gradient_flow_heatmap(run: Run) -> Any:
@@ -216,6 +234,11 @@ def norm_plot(run: Run) -> Any:
     else:
         ax.plot(run.steps[mask], g[mask], linewidth=1, label="global gradient norm (before any clipping)")
     notes = _guard_lines(ax, run) if guarded else []
+    amp_skipped = flagged_steps(run, "amp_skipped")
+    if amp_skipped.size:
+        ax.plot(amp_skipped, np.full(amp_skipped.shape, 0.03), "|", color="gray", markersize=9, clip_on=False,
+                transform=ax.get_xaxis_transform(), label="skipped by GradScaler (AMP overflow)")
+        notes.append(f"{amp_skipped.size} skipped by AMP")
     bad = nonfinite_steps(run)
     for s in bad[:200]:
         ax.axvline(s, color="red", alpha=0.3, linewidth=1)

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import GradwatchError
-from ..store import GUARD_METRICS, LAYER_METRICS, STEP_METRICS, Run, load_run
+from ..store import AMP_METRICS, GUARD_METRICS, LAYER_METRICS, STEP_METRICS, Run, load_run
 
 #: Per-layer metrics exported by default: the every-step gradient scale and the sampled update ratio.
 DEFAULT_LAYER_METRICS: tuple[str, ...] = ("grad_norm", "grad_rms", "update_ratio")
@@ -139,10 +139,13 @@ def export_tensorboard(
     walltime = _walltimes(run)
     names = [layer.name for layer in run.layers]
     guarded = any(st.get("guards") for st in run.streams)
+    scaled = bool(np.isfinite(run.step_series("amp_scale")).any())  # a GradScaler was seen
     step_values = {
         m: run.step_series(m)
         for m in STEP_METRICS
-        if m not in _BOOKKEEPING and (guarded or m not in GUARD_METRICS)  # no guards: nothing to show
+        if m not in _BOOKKEEPING
+        and (guarded or m not in GUARD_METRICS)  # no guards: nothing to show
+        and (scaled or m not in AMP_METRICS)  # no GradScaler: nothing to show
     }
     layer_values = {m: run.layer_series(m) for m in layer_metrics}
 

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from ..diagnose.rules import weight_layers
 from ..store import Run
-from .plots import guard_counts, has_guards
+from .plots import amp_text, guard_counts, has_guards
 
 _SPARK = "▁▂▃▄▅▆▇█"
 MAX_ROWS = 24  # deeper models: first and last layers, the middle elided
@@ -174,8 +174,12 @@ def summary(run: Run, layers: bool = True) -> Group:
             head.add_row(label, f"{_fmt(first)} -> {_fmt(last)} (median of first/last 10%)  {sparkline(series, log=log)}")
     if guarded:
         head.add_row("guards", _guard_counts_text(run))
+    amp = amp_text(run)
+    if amp:
+        head.add_row("AMP", amp)
     nonfinite = run.layer_series("grad_nonfinite")
-    bad_steps = np.flatnonzero(np.nan_to_num(nonfinite, nan=0.0).max(axis=1) > 0) if nonfinite.size else []
+    caught = np.nan_to_num(run.step_series("amp_skipped"), nan=0.0) > 0  # GradScaler's own business
+    bad_steps = np.flatnonzero((np.nan_to_num(nonfinite, nan=0.0).max(axis=1) > 0) & ~caught) if nonfinite.size else []
     if len(bad_steps):
         head.add_row("non-finite", Text(f"gradients non-finite at {len(bad_steps)} steps, first at step {steps[bad_steps[0]]}", style="bold red"))
 
