@@ -194,7 +194,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     if treatment is not None and treatment.log:
         for line in treatment.log:
             print(f"gradwatch: applied {line}", file=sys.stderr)
-    if w.layers:
+    if w.layers and w.writes:  # under torchrun, rank 0 speaks for the job
         print_summary(w.run, _err)
         print_findings(w.findings, _err)
     return code

@@ -207,6 +207,7 @@ class Watch:
         #: (integrations that record on rank 0 only turn it off).
         self.reduce_ranks = True
         amp.install(_amp_listener)  # GradScaler.step tells us the steps it skips
+        _flush_before_destroy()  # a script's destroy_process_group() must not strand the last window
         self._writer: RunWriter | None = None
         self._attached: dict[int, _Attached] = {}
         self._last: _Attached | None = None
@@ -654,6 +655,40 @@ def _amp_listener(scaler: Any, optimizer: torch.optim.Optimizer) -> Any:
                 w._record_amp_skip(att, scaler)
 
     return after
+
+
+_destroy_patched = False
+
+
+def _flush_before_destroy() -> None:
+    """Wrap ``torch.distributed.destroy_process_group`` (once) so that every open watch flushes its
+    window while the group still exists: the flush sums it over the ranks, and every rank calls
+    destroy at the same point of the script. Watches closed after that have nothing left to sum."""
+    global _destroy_patched
+    if _destroy_patched:
+        return
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return
+    if not dist.is_available():
+        return
+    original = dist.destroy_process_group
+
+    def destroy_process_group(group: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if group is None:
+            for w in list(_live):
+                if not w._closed and any(a.probe.reducer is not None for a in w._attached.values()):
+                    try:
+                        w.flush()
+                    except Exception as e:  # the script's shutdown goes on
+                        print(f"gradwatch: could not flush before the process group ended ({type(e).__name__}: {e}).", file=sys.stderr)
+        return original(group, *args, **kwargs)
+
+    destroy_process_group.__wrapped__ = original  # type: ignore[attr-defined]
+    destroy_process_group.__doc__ = original.__doc__
+    dist.destroy_process_group = destroy_process_group
+    _destroy_patched = True
 
 
 def _remedy_text(r: Any) -> str:

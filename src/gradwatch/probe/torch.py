@@ -28,6 +28,7 @@ Raw quantities per layer (a parameter tensor):
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -721,6 +722,14 @@ class TorchProbe:
         if n == 0:
             return
         used = self._ring[:n].numel() if n_hist == 0 else self._buf.numel()
+        if self._reducer is not None and world() is None:
+            # The process group ended before this flush (destroyed without gradwatch's wrapper):
+            # there is no one left to sum with; this rank's own numbers are all there is.
+            self._reducer = None
+            if self.reduce_ranks:
+                print("gradwatch: the process group ended before the last flush; its last "
+                      f"{n} steps hold this rank's own statistics (close the watch before destroy_process_group()).",
+                      file=sys.stderr)
         if self._reducer is not None:
             # One all_reduce of the window over the ranks; its result crosses to the host once.
             sampled_rows = np.searchsorted(self._steps[:n], np.array(self._hist_steps, np.int64)).tolist()  # sync-ok: numpy
