@@ -38,3 +38,13 @@ def test_integrations_benchmark_quick_run_prints_a_row_per_framework() -> None:
     rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| ") and "ms/step" not in line}
     assert set(rows) == {"pytorch", "lightning", "keras", "transformers"}, out.stdout
     assert all(row.rstrip(" |").endswith("x") or "not installed" in row for row in rows.values())
+
+
+def test_distributed_benchmark_quick_run_prints_every_case() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"ddp", "ddp+clip", "fsdp2", "fsdp2+clip"}
+    assert rows["ddp"][-1] == "0.00" and rows["ddp+clip"][-1] == "1.00"  # all_reduce calls per step
+    assert int(rows["fsdp2"][-2].replace(",", "")) > 0  # bytes per flush

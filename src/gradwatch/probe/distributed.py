@@ -117,6 +117,8 @@ class WindowReducer:
         self._numel = np.array([p.numel() for p in params], np.float64)  # global sizes
         #: all_reduce calls made (tests count them: one per flush, one per guarded step).
         self.collectives = 0
+        #: Size of the latest flush's all_reduce, in bytes.
+        self.last_bytes = 0
 
     def _block(self, ring: torch.Tensor, name: str) -> torch.Tensor:
         start = self.step_slots + self.blocks.index(name) * self.n
@@ -179,6 +181,7 @@ class WindowReducer:
         h = hist.to(torch.float64) * self._weight[None, :, None]
         packed = torch.cat([r.reshape(-1), h.reshape(-1), gather.reshape(-1), logged])
         self.collectives += 1
+        self.last_bytes = packed.numel() * packed.element_size()
         dist.all_reduce(packed)
         host = packed.cpu().numpy()  # sync-ok: the flush
         k = n_rows * width
