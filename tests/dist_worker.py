@@ -72,6 +72,7 @@ def worker(rank: int, world: int, port: int, case: str, tmp: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         CASES[case](rank, world, Path(tmp))
+        dist.barrier()  # both ranks tear down together (gloo aborts a rank whose peer left mid-exchange)
     finally:
         dist.destroy_process_group()
 
@@ -224,7 +225,64 @@ def case_nan_rank1_fsdp(rank: int, world: int, tmp: Path) -> None:
     case_nan_rank1(rank, world, tmp, fsdp=True)
 
 
+def _crash_on(crash_rank: int, rank: int, world: int, tmp: Path) -> None:
+    """Rank ``crash_rank`` raises in the middle of a window (step 7 of flush_every 10)."""
+    model = deep_sigmoid_mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    x, y = circles()
+    with _watch(ddp, opt, _out(tmp, rank)) as w:
+        for step, idx in enumerate(batches(x)):
+            if step == 7 and rank == crash_rank:
+                raise ValueError(f"boom on rank {rank}")
+            part = idx.chunk(world)[rank]
+            opt.zero_grad()
+            loss = nn.functional.binary_cross_entropy_with_logits(ddp(x[part]), y[part])
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+
+
+def case_crash_rank1(rank: int, world: int, tmp: Path) -> None:
+    _crash_on(1, rank, world, tmp)
+
+
+def case_crash_rank0(rank: int, world: int, tmp: Path) -> None:
+    _crash_on(0, rank, world, tmp)
+
+
+def case_store_fails_rank0(rank: int, world: int, tmp: Path) -> None:
+    """Rank 0 cannot write its second window (disk full): it stops writing but keeps taking part in
+    the reductions, so no rank is left waiting and the guards stay the same on every rank."""
+    import gradwatch as gw
+
+    model = deep_sigmoid_mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    guard = gw.guards.ClipNorm(0.01)
+    with _watch(ddp, opt, _out(tmp, rank), guards=[guard]) as w:
+        train(ddp, opt, w, rank, world, steps=1)
+        att = next(iter(w._attached.values()))
+        if rank == 0:
+            calls = [0]
+            original = att.stream.append
+
+            def append(chunk):  # type: ignore[no-untyped-def]
+                calls[0] += 1
+                if calls[0] >= 2:
+                    raise OSError(28, "No space left on device")
+                return original(chunk)
+
+            att.stream.append = append
+        train(ddp, opt, w, rank, world, steps=40)
+    _save(tmp, rank, "info", {"steps": w.steps, "store_failed": att.store_failed, "failed": att.failed,
+                              "collectives": att.probe.reducer.collectives})
+
+
 CASES = {
+    "store_fails_rank0": case_store_fails_rank0,
+    "crash_rank0": case_crash_rank0,
+    "crash_rank1": case_crash_rank1,
     "ddp": case_ddp,
     "ddp_accum": case_ddp_accum,
     "fsdp": case_fsdp,

@@ -202,7 +202,7 @@ def test_bf16_gradients_are_reduced_in_float32(tmp_path: Path) -> None:
     model = _model(dtype=torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = _data(4096, torch.bfloat16)
-    with gw.watch(model, opt, out=tmp_path / "b", quiet=True, report=False, sample_every=1) as w:
+    with gw.watch(model, opt, out=tmp_path / "b", quiet=True, report=False, sample_every=1):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         grads = [p.grad.double() for p in model.parameters()]
@@ -217,25 +217,57 @@ def test_bf16_gradients_are_reduced_in_float32(tmp_path: Path) -> None:
     assert max(abs(a - b) / b for a, b in zip(bf16_norms, ref)) > 1e-4
 
 
-def test_guards_under_grad_scaler_judge_unscaled_gradients(tmp_path: Path) -> None:
-    """ClipNorm(0.1) with GradScaler: plain Adam clips unscaled gradients (unscale_ ran first); fused
-    Adam gets scaled ones, and the guard divides the norms by the scale it carries. Both clip the same."""
+GUARDS_UNDER_AMP = {
+    "ClipNorm": lambda: gw.guards.ClipNorm(0.1),
+    "ClipValue": lambda: gw.guards.ClipValue(0.02),
+    "AGC": lambda: gw.guards.AGC(0.005, exclude=[]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GUARDS_UNDER_AMP))
+def test_guards_under_grad_scaler_judge_unscaled_gradients(tmp_path: Path, name: str) -> None:
+    """With GradScaler, plain Adam's guards see unscaled gradients (unscale_ ran first); fused Adam's
+    see scaled ones, and the guards take the scale they carry into account (norms divided, value
+    bounds multiplied). Both clip the same, and record the same unscaled norm after the guard."""
     results = {}
     for fused in (False, True):
         model = _model()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
         out = tmp_path / f"f{fused}"
-        with gw.watch(model, opt, out=out, quiet=True, report=False, guards=[gw.guards.ClipNorm(0.1)]) as w:
+        with gw.watch(model, opt, out=out, quiet=True, report=False, guards=[GUARDS_UNDER_AMP[name]()]) as w:
             _train_scaled(model, opt, scaler, w)
         run = gw.load_run(out)
         kept = [s for s in range(STEPS) if s not in SKIP_AT]
-        after = run.step_series("grad_norm_clipped")[kept]
-        assert np.all(after <= 0.1 * (1 + 1e-5)) and np.all(after > 0.099)
-        results[fused] = (run.step_series("clip_coef")[kept], [p.detach().clone() for p in model.parameters()])
-    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
-    for a, b in zip(results[True][1], results[False][1]):
+        results[fused] = (run.step_series("clip_coef")[kept], run.step_series("grad_norm_clipped")[kept],
+                          [p.detach().clone() for p in model.parameters()])
+    assert np.all(results[False][0] < 0.999)  # the guard bites at every step
+    if name == "ClipNorm":
+        assert np.all(results[True][1] <= 0.1 * (1 + 1e-5))
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-4)
+    np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-4)
+    for a, b in zip(results[True][2], results[False][2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_overflows_are_not_the_guards_business(tmp_path: Path, fused: bool) -> None:
+    """Four overflows in a row: GradScaler skips them. SkipNonFinite(max_consecutive=3) does not count
+    them (a fused optimizer shows them to the guards, a plain one does not) and Rollback does not
+    roll back for them."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    skip, rollback = gw.guards.SkipNonFinite(max_consecutive=3), gw.guards.Rollback(every=5)
+    with gw.watch(model, opt, out=tmp_path / "g", quiet=True, report=False, flush_every=5,
+                  guards=[skip, rollback]) as w:
+        _train_scaled(model, opt, scaler, w, bad=range(6, 10), steps=25)
+    assert skip.skipped_steps == []
+    assert rollback.events == []
+    run = gw.load_run(tmp_path / "g")
+    assert np.flatnonzero(run.step_series("amp_skipped")).tolist() == [6, 7, 8, 9]
+    assert run.status == "finished"
+    assert "nonfinite" not in [f.kind for f in diagnose(run)]
 
 
 def test_report_and_summary_show_amp(tmp_path: Path) -> None:

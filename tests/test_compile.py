@@ -433,3 +433,31 @@ def test_gradwatch_run_compiled_script(tmp_path: Path) -> None:
     # No recompile: the forward is compiled once, as under plain python.
     assert _value(plain.stdout, "compiled_frames") == "1"
     assert _value(watched.stdout, "compiled_frames") == "1"
+
+
+def test_gradient_accumulation_under_compile_compiles_once(tmp_path: Path) -> None:
+    """Two forwards per optimizer step: the tap's accumulators are preallocated tensors updated in
+    place, so the second micro-batch reuses the graph (a growing dict would be guarded on)."""
+    frames, states = [], []
+    for watched in (False, True):
+        fresh_dynamo()
+        model = build("mlp")
+        cnt = CompileCounterWithBackend(BACKEND)
+        compiled = torch.compile(model, backend=cnt)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        X, Y = data("mlp")
+        w = gradwatch.watch(compiled, opt, out=tmp_path / "acc", quiet=True, report=False,
+                            sample_every=SAMPLE_EVERY) if watched else None
+        for i in range(0, STEPS, 2):
+            opt.zero_grad()
+            for j in (i, i + 1):
+                (nn.functional.mse_loss(compiled(X[j]), Y[j]) / 2).backward()
+            opt.step()
+        if w is not None:
+            w.close()
+        frames.append(cnt.frame_count)
+        states.append([p.detach().clone() for p in model.parameters()])
+    assert frames[1] == frames[0] == 1
+    assert all(torch.equal(a, b) for a, b in zip(*states))
+    dead = gradwatch.load_run(tmp_path / "acc").layer_series("act_dead_frac")
+    assert np.isfinite(dead[0, [0, 2, 4, 6]]).all()

@@ -209,3 +209,69 @@ def test_gradwatch_run_under_torchrun(tmp_path: Path) -> None:
     assert [li.name for li in run_two.layers][:2] == ["0.weight", "0.bias"]  # not module.0.weight
     assert two.stderr.count("recorded 25 steps") == 1  # rank 0 alone reports
     assert "process group ended before" not in two.stderr
+
+
+@pytest.mark.parametrize("crash_rank", [0, 1])
+def test_a_crash_on_one_rank_raises_its_own_error_at_once(crash_rank: int, tmp_path: Path) -> None:
+    """The crashing rank's watch closes without a reduction (the other rank is inside DDP's backward and
+    would never join it): its own ValueError comes out, promptly, not a collective error or a hang.
+    Rank 0's run is kept, its last partial window marked as rank 0's own numbers."""
+    t0 = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException, match=f"ValueError: boom on rank {crash_rank}"):
+        run_ranks(f"crash_rank{crash_rank}", tmp_path, attempts=1)
+    assert time.monotonic() - t0 < 60
+    if crash_rank == 0:
+        import json
+
+        run = gw.load_run(tmp_path / "run")
+        assert run.status == "crashed" and run.steps.tolist() == list(range(7))
+        meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+        assert meta["streams"][0]["local_statistics"].startswith("steps 0-6: rank 0's own statistics")
+
+
+def test_a_store_failure_on_rank_0_leaves_no_rank_waiting(tmp_path: Path) -> None:
+    infos = run_ranks("store_fails_rank0", tmp_path)
+    assert infos[0]["steps"] == infos[1]["steps"] == 41
+    assert "No space left" in infos[0]["store_failed"] and infos[1]["store_failed"] is None
+    assert not infos[0]["failed"] and not infos[1]["failed"]
+    # The same collectives on both ranks: one per guarded step, one per flush.
+    assert infos[0]["collectives"] == infos[1]["collectives"] == 41 + 5
+    run = gw.load_run(tmp_path / "run")
+    assert run.steps.tolist() == list(range(10))  # the first window, written before the disk filled
+
+
+@pytest.mark.parametrize("env, writes", [({"RANK": "1"}, True), ({"RANK": "1", "WORLD_SIZE": "2"}, False),
+                                         ({"RANK": "0", "WORLD_SIZE": "2"}, True)])
+def test_rank_from_the_environment(env: dict, writes: bool, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Before a process group exists, torchrun's RANK decides who writes, but only when WORLD_SIZE
+    says there are several processes (some launchers set RANK=... for one-process jobs)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    model = deep_sigmoid_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False) as w:
+        dist_worker.train(model, opt, w, 0, 1, steps=3)
+    assert w.writes is writes
+    assert (tmp_path / "r" / "meta.json").exists() is writes
+
+
+def test_framework_callbacks_refuse_guards_with_several_processes() -> None:
+    """The Lightning and Hugging Face callbacks record on rank 0 only: guards there would clip rank 0's
+    gradients alone. With several processes they say so instead."""
+    from types import SimpleNamespace
+
+    from gradwatch import GradwatchError
+    from gradwatch.lightning import GradWatch
+    from gradwatch.transformers import GradWatchCallback
+
+    trainer = SimpleNamespace(world_size=2, global_rank=1, gradient_clip_val=None)
+    with pytest.raises(GradwatchError, match="replicas would drift apart"):
+        GradWatch(guards=[gw.guards.ClipNorm(1.0)]).on_fit_start(trainer, deep_sigmoid_mlp())
+    with pytest.raises(GradwatchError, match="replicas would drift apart"):
+        GradWatchCallback(guards=[gw.guards.ClipNorm(1.0)]).on_train_begin(
+            SimpleNamespace(world_size=2), SimpleNamespace(is_world_process_zero=False), SimpleNamespace())
+    # Without guards, a rank other than 0 simply records nothing.
+    cb = GradWatch()
+    cb.on_fit_start(trainer, deep_sigmoid_mlp())
+    assert cb.watch is None

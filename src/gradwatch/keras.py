@@ -91,14 +91,11 @@ def layer_table(model: Any, variables: list[Any]) -> tuple[list[LayerInfo], list
 
 def find_keras_model(variables: list[Any]) -> Any:
     """The live Keras model that owns most of ``variables`` (fewest others on a tie)."""
-    import gc
-    import warnings
+    from .objects import live_instances
 
     wanted = {id(v) for v in variables}
     best, best_key = None, (0, 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        models = [o for o in gc.get_objects() if isinstance(o, keras.Model)]
+    models = live_instances(keras.Model)
     for m in models:
         ids = {id(v) for v in m.trainable_variables}
         key = (len(wanted & ids), -len(ids))

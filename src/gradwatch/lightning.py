@@ -64,6 +64,11 @@ class GradWatch(Callback):
     # -- lifecycle --------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Any, pl_module: torch.nn.Module) -> None:
+        if self.watch_options.get("guards") and trainer.world_size > 1:
+            raise GradwatchError(
+                "gradwatch.lightning.GradWatch records on rank 0 only, so its guards would change rank 0's "
+                "gradients alone and the replicas would drift apart; with several processes use Lightning's "
+                "gradient_clip_val, or gradwatch.watch(..., guards=[...]) on every rank in a plain loop.")
         if trainer.global_rank != 0:
             return  # one writer per run: rank 0 (other ranks see the same all-reduced gradients)
         self._trainer = trainer

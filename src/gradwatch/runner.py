@@ -13,12 +13,10 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import runpy
 import sys
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +25,7 @@ from torch import nn
 
 from .errors import GradwatchError
 from .guards.base import GuardStop
+from .objects import live_instances
 from .treatment import TreatmentRefused
 from .watch import Watch, default_out
 
@@ -40,11 +39,7 @@ def find_owner_module(params: Sequence[torch.Tensor]) -> nn.Module | None:
     wanted = {id(p) for p in params}
     best: nn.Module | None = None
     best_key: tuple[int, int] = (0, 0)
-    with warnings.catch_warnings():
-        # isinstance() on some lazily deprecated torch objects warns; the scan is not the user's.
-        warnings.simplefilter("ignore")
-        # type(), not isinstance(): a dead weakref proxy (torch.compile leaves some) raises on isinstance.
-        modules = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
+    modules = live_instances(nn.Module)
     for obj in modules:
         ids = {id(p) for p in obj.parameters()}
         covered = len(wanted & ids)

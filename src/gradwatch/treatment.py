@@ -16,8 +16,6 @@ applicable; :func:`applicable` says why.
 
 from __future__ import annotations
 
-import gc
-import warnings
 from typing import Any, Iterable
 
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 
 from . import surgery
 from .errors import GradwatchError
+from .objects import live_instances
 from .guards import ClipNorm, ClipValue, Guard, Rollback, SkipNonFinite
 
 GUARD_ACTIONS = {"clip_norm", "clip_value", "skip_nonfinite", "rollback"}
@@ -43,10 +42,7 @@ class TreatmentRefused(BaseException):
     A BaseException, so that the script's own ``except Exception`` does not swallow it."""
 
 
-def _live(kind: type) -> list[Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # isinstance() on some lazily deprecated torch objects warns
-        return [obj for obj in gc.get_objects() if isinstance(obj, kind)]
+_live = live_instances
 
 
 def _check_remedy(r: Any) -> dict[str, Any]:

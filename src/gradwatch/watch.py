@@ -75,6 +75,7 @@ class _Attached:
         self.guard_step: GuardStep | None = None
         self.handles: list[Any] = []
         self.failed = False
+        self.store_failed: str | None = None  # why the run could not be written (data parallel only)
 
 
 class _NullStream:
@@ -341,13 +342,16 @@ class Watch:
                 att.probe.on_before_optimizer_step(_current_lr(optimizer))
                 inputs = att.probe.step_inputs
                 scaler = amp.scaler_for(optimizer)
+                grad_scale = None
                 if scaler is not None:
                     grad_scale = self._record_amp(att, scaler)
-                    if grad_scale is not None and inputs[3] is not None:
-                        # A fused optimizer unscales inside its kernel: guards judge unscaled norms.
-                        inputs = (*inputs[:3], inputs[3] / grad_scale.reshape(()).to(inputs[3].device))
+                    if grad_scale is not None:
+                        grad_scale = grad_scale.detach().reshape(()).to(att.probe.device, torch.float32)
+                        if inputs[3] is not None:
+                            # A fused optimizer unscales inside its kernel: guards judge unscaled norms.
+                            inputs = (*inputs[:3], inputs[3] / grad_scale)
                 if att.guards is not None:
-                    step = att.guards.before_step(att.probe.step - 1, inputs)
+                    step = att.guards.before_step(att.probe.step - 1, inputs, grad_scale)
                     att.guard_step = step
                     if step is not None:
                         try:
@@ -408,7 +412,7 @@ class Watch:
         # The failed step was not committed, so probe.step is the number of the step that failed.
         att.failed = True
         try:
-            att.probe.flush()
+            att.probe.flush(reduce=False)  # this rank alone: no collective the others would not join
         except Exception:
             pass
         guards = " and its guards are off" if att.guards is not None else ""
@@ -425,7 +429,17 @@ class Watch:
     def _on_window(self, att: _Attached, chunk: Chunk) -> None:
         """A flushed window: store it, let the guards decide what waits for the host, then (on a
         thinning schedule) diagnose what is stored so far."""
-        att.stream.append(chunk)
+        if att.store_failed is None:
+            try:
+                att.stream.append(chunk)
+            except Exception as e:
+                if att.probe.reducer is None:
+                    raise  # one process: the stream stops (see _fail), training goes on
+                # Data parallel: the other ranks go on reducing with this one, so it keeps computing
+                # (its guards too) and only stops writing.
+                att.store_failed = f"{type(e).__name__}: {e}"
+                print(f"gradwatch: could not write {self.out} ({att.store_failed}); recording stops here, "
+                      "guards go on.", file=sys.stderr)
         if att.guards is not None:
             att.guards.on_window(chunk)
         for listener in self.window_listeners:
@@ -483,11 +497,16 @@ class Watch:
         self._staged_loss = loss
 
     def flush(self) -> None:
-        """Write every buffered step to the run directory now (one device->host copy per stream)."""
+        """Write every buffered step to the run directory now (one device->host copy per stream).
+
+        Under torch.distributed every rank must call it (it sums the window over the ranks)."""
+        self._flush(reduce=True)
+
+    def _flush(self, reduce: bool) -> None:
         with shutdown.critical:
             for att in self._attached.values():
                 if not att.failed:
-                    att.probe.flush()
+                    att.probe.flush(reduce=reduce)
 
     def detach(self) -> None:
         """Remove every hook; the model and optimizers are left as they were."""
@@ -513,7 +532,9 @@ class Watch:
             return
         with shutdown.critical:
             try:
-                self.flush()
+                # Every rank ends a finished (or guard-stopped) run at the same step; a crash or an
+                # interrupt reaches one rank alone, which must not wait for the others in a reduction.
+                self._flush(reduce=status in ("finished", "stopped"))
             finally:
                 self._record_guards()
                 self._record_notes()
@@ -538,6 +559,11 @@ class Watch:
     def _record_notes(self) -> None:
         """What a stream could not record, and why, into meta.json (and on stderr unless quiet)."""
         for att in self._attached.values():
+            if att.probe.local_windows:
+                spans = ", ".join(f"{a}-{b}" for a, b in att.probe.local_windows)
+                self._writer.streams[att.stream.index]["local_statistics"] = (  # type: ignore[union-attr]
+                    f"steps {spans}: rank {self.rank}'s own statistics, not summed over the ranks "
+                    "(the run ended on this rank alone, or the process group had ended)")
             note = att.probe.activation_note
             if note is None:
                 continue

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .amp import amp_skipped
 from .finding import Finding
 
 #: Remedy actions each guard already carries out.
@@ -35,7 +36,7 @@ def _ended_finite(run: Any, skipped: np.ndarray) -> bool:
     n = len(run.steps)
     tail = slice(n - max(1, int(math.ceil(END_SHARE * n))), n)
     gnorm = run.step_series("grad_norm")[tail]
-    stepped = ~skipped[tail]
+    stepped = ~skipped[tail] & ~amp_skipped(run)[tail]  # GradScaler's skips changed nothing either
     loss = run.step_series("loss")[tail]
     logged = np.nan_to_num(run.step_series("loss_logged")[tail], nan=0.0) > 0
     return bool(np.isfinite(gnorm[stepped]).all() and np.isfinite(loss[logged & stepped]).all())
@@ -46,7 +47,8 @@ def account_for_guards(run: Any, findings: list[Finding]) -> list[Finding]:
     if not guards or len(run.steps) == 0:
         return findings
     names = {g.get("name") for g in guards}
-    skipped = np.nan_to_num(run.step_series("skipped"), nan=0.0) > 0
+    amp = amp_skipped(run)
+    skipped = (np.nan_to_num(run.step_series("skipped"), nan=0.0) > 0) & ~amp  # AMP's overflows are not the guards'
     rolled = np.nan_to_num(run.step_series("rolled_back"), nan=0.0) > 0
     ended_finite = _ended_finite(run, skipped)
     done = {_ACTIONS[n] for n in names if n in _ACTIONS}
@@ -54,7 +56,7 @@ def account_for_guards(run: Any, findings: list[Finding]) -> list[Finding]:
     for f in findings:
         contained: list[str] = []
         if ended_finite and f.kind == "nonfinite":
-            bad = ~np.isfinite(run.step_series("grad_norm"))
+            bad = ~np.isfinite(run.step_series("grad_norm")) & ~amp
             n_skipped = int((bad & skipped).sum())
             if n_skipped:
                 contained.append(f"SkipNonFinite skipped {n_skipped} step{'s' * (n_skipped != 1)} with non-finite gradients")

@@ -74,9 +74,13 @@ class GuardStep:
         layer_norms: torch.Tensor,
         device: torch.device,
         reduce_norms: Callable[[Sequence[int], torch.Tensor], torch.Tensor] | None = None,
+        grad_scale: torch.Tensor | None = None,
     ):
         self.index = index
         self._reduce = reduce_norms
+        #: GradScaler's loss scale that the gradients still carry (a fused optimizer unscales in its
+        #: kernel), as a 0-d device tensor; None when they are unscaled. Norms here are unscaled.
+        self.grad_scale = grad_scale
         self.layer_ids = layer_ids
         self.params = params
         self.grads = grads
@@ -99,6 +103,8 @@ class GuardStep:
         if self._norm is None:
             if self.layer_norms is None:
                 norms = per_tensor_norms(self.grads, self.device)
+                if self.grad_scale is not None:
+                    norms = norms / self.grad_scale.to(norms.device)
                 # Under data parallelism these are this rank's (shard's) norms: make them global.
                 self.layer_norms = norms if self._reduce is None else self._reduce(self.layer_ids, norms)
             self._norm = torch.linalg.vector_norm(self.layer_norms)
@@ -158,11 +164,13 @@ class Window:
     loss_logged: np.ndarray
     grad_norm: np.ndarray
     skipped: np.ndarray
+    amp_skipped: np.ndarray  # 1 where GradScaler skipped the step (its overflow, not the guards' business)
 
     @classmethod
     def from_chunk(cls, chunk: Chunk) -> "Window":
         v = chunk.step_values
-        return cls(np.asarray(chunk.steps), v["loss"], v["loss_logged"], v["grad_norm"], v["skipped"])
+        amp = v.get("amp_skipped", np.zeros(len(chunk.steps)))
+        return cls(np.asarray(chunk.steps), v["loss"], v["loss_logged"], v["grad_norm"], v["skipped"], np.nan_to_num(amp, nan=0.0))
 
 
 class Guard:
@@ -218,7 +226,8 @@ class GuardChain:
             g.setup(self.setup)
 
     def before_step(
-        self, index: int, inputs: tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]
+        self, index: int, inputs: tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None],
+        grad_scale: torch.Tensor | None = None,
     ) -> GuardStep | None:
         """Run every guard on this step's gradients; return the step (None if it has no gradients)."""
         if self._stop is not None:
@@ -227,7 +236,7 @@ class GuardChain:
         ids, params, grads, norms = inputs
         if not grads or norms is None:
             return None
-        step = GuardStep(index, ids, params, grads, norms, self.setup.device, self.setup.reduce_norms)
+        step = GuardStep(index, ids, params, grads, norms, self.setup.device, self.setup.reduce_norms, grad_scale)
         try:
             self._run(step)
         except BaseException:

@@ -68,14 +68,21 @@ class ClipValue(_Counted):
         self.value = _positive("ClipValue(value)", value)
 
     def before_step(self, step: GuardStep) -> None:
-        v = self.value
+        v: float | torch.Tensor = self.value
+        if step.grad_scale is not None:
+            v = step.grad_scale * self.value  # gradients still carrying GradScaler's scale (fused optimizer)
         # Whether anything is beyond the bound: the largest |g| per tensor, compared on the device.
         maxabs = torch.stack([torch.linalg.vector_norm(g, float("inf")).to(step.device) for g in step.grads if g.numel()])
         self._count(step, (torch.isfinite(maxabs) & (maxabs > v)).any())
         for ids in step._groups().values():
             grads = [step.grads[i] for i in ids]
-            torch._foreach_clamp_min_(grads, -v)
-            torch._foreach_clamp_max_(grads, v)
+            if isinstance(v, torch.Tensor):
+                bound = v.to(grads[0].device, grads[0].dtype)
+                for g in grads:
+                    torch.clamp(g, -bound, bound, out=g)
+            else:
+                torch._foreach_clamp_min_(grads, -v)
+                torch._foreach_clamp_max_(grads, v)
         step.changed_elementwise()
 
 
@@ -153,6 +160,8 @@ class AGC(_Counted):
                 w_norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True)
                 g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True)
             max_norm = torch.clamp(w_norm, min=self.eps) * self.clipping
+            if step.grad_scale is not None:
+                max_norm = max_norm * step.grad_scale.to(max_norm.device)  # gradients still scaled by GradScaler
             over = g_norm > max_norm
             g.copy_(torch.where(over, g * (max_norm / torch.clamp(g_norm, min=NORM_EPS)), g))
             acted.append(over.any().to(step.device))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import GradwatchError
+from ..probe.distributed import local_tensor, world
 from .base import Guard, GuardSetup, GuardStep, GuardStop, Window
 
 #: A robust z-score's spread never counts as less than this share of the median (a flat loss would
@@ -153,6 +154,7 @@ class Rollback(Guard):
     # -- snapshots --------------------------------------------------------------------------------
 
     def _copy_of(self, t: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+        t = local_tensor(t)  # FSDP2: each rank keeps its own shard
         if old is not None and old.shape == t.shape and old.dtype == t.dtype:
             buf = old
         elif self._on_disk:
@@ -174,7 +176,9 @@ class Rollback(Guard):
                 if pid in index
             },
         }
-        path = Path(self.storage) / f"rollback-step{snap.step}.pt"
+        rank = world()
+        suffix = f"-rank{rank[0]}" if rank is not None else ""  # every data-parallel rank keeps its own
+        path = Path(self.storage) / f"rollback-step{snap.step}{suffix}.pt"
         tmp = path.with_name(path.name + ".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)
@@ -224,7 +228,7 @@ class Rollback(Guard):
         if snap.file is not None:
             snap = self._from_disk(snap)
         for t, saved in zip(self._tensors, snap.tensors):
-            t.detach().copy_(saved, non_blocking=saved.is_pinned())
+            local_tensor(t.detach()).copy_(saved, non_blocking=saved.is_pinned())
         state = self._opt.state
         params = [p for g in self._opt.param_groups for p in g["params"]]
         for p in params:
@@ -238,6 +242,7 @@ class Rollback(Guard):
             for k, v in saved_state.items():
                 if isinstance(v, _Saved):
                     live = cur.get(k)
+                    live = local_tensor(live) if isinstance(live, torch.Tensor) else live
                     if isinstance(live, torch.Tensor) and live.shape == v.copy.shape and live.dtype == v.copy.dtype:
                         live.copy_(v.copy, non_blocking=v.copy.is_pinned())
                     else:
@@ -297,8 +302,8 @@ class Rollback(Guard):
             return
         bad_step, reason, loss_bad = None, "", False
         for i, s in enumerate(window.steps):
-            if window.skipped[i] > 0:
-                continue  # a skipped step changed nothing
+            if window.skipped[i] > 0 or window.amp_skipped[i] > 0:
+                continue  # a skipped step changed nothing (GradScaler's overflows are its own business)
             logged = window.loss_logged[i] > 0
             loss, norm = float(window.loss[i]), float(window.grad_norm[i])
             if logged and not math.isfinite(loss):

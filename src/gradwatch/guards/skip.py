@@ -162,7 +162,9 @@ class SkipNonFinite(Guard):
 
     def on_window(self, window: Window) -> None:
         bad = (window.skipped > 0) & ~np.isfinite(window.grad_norm)
-        for step, b in zip(window.steps, bad):
+        for step, b, amp in zip(window.steps, bad, window.amp_skipped > 0):
+            if amp:
+                continue  # GradScaler's overflow (a fused optimizer shows it to the guards too): not ours
             if b:
                 self._skipped.append(int(step))
                 if self._run == 0:

@@ -67,14 +67,32 @@ def world() -> tuple[int, int] | None:
 
 
 def process_rank() -> int:
-    """This process's rank: from the process group once initialised, else from torchrun's ``RANK``."""
+    """This process's rank: from the process group once initialised, else from torchrun's ``RANK``
+    when ``WORLD_SIZE`` says there are several processes (some launchers set ``RANK`` for
+    single-process jobs too)."""
     w = world()
     if w is not None:
         return w[0]
     try:
-        return int(os.environ.get("RANK", "0"))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return int(os.environ.get("RANK", "0"))
     except ValueError:
-        return 0
+        pass
+    return 0
+
+
+_group: tuple[int, object] | None = None
+
+
+def gradwatch_group() -> object:
+    """gradwatch's own process group over every rank, made once per default group (by every rank at
+    the same point: the first optimizer step). Keeping gradwatch's collectives out of the default
+    group means a mismatch could never pair them with DDP's or FSDP's own traffic."""
+    global _group
+    default = dist.group.WORLD
+    if _group is None or _group[0] != id(default):
+        _group = (id(default), dist.new_group())
+    return _group[1]
 
 
 def replicas(p: torch.Tensor, world_size: int) -> int:
@@ -103,6 +121,7 @@ class WindowReducer:
     def __init__(self, params: Sequence[torch.Tensor], rank: int, world_size: int, blocks: Sequence[str],
                  step_slots: int, loss_slot: int, device: torch.device):
         self.rank, self.world = rank, world_size
+        self.group = gradwatch_group()
         self.blocks = list(blocks)
         self.step_slots = step_slots
         self.loss_slot = loss_slot
@@ -119,6 +138,7 @@ class WindowReducer:
         self.collectives = 0
         #: Size of the latest flush's all_reduce, in bytes.
         self.last_bytes = 0
+        self._step_weights: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _block(self, ring: torch.Tensor, name: str) -> torch.Tensor:
         start = self.step_slots + self.blocks.index(name) * self.n
@@ -128,11 +148,14 @@ class WindowReducer:
 
     def reduce_norms(self, layer_ids: Sequence[int], norms: torch.Tensor) -> torch.Tensor:
         """The global per-layer norms from this rank's (float32, same order as ``layer_ids``)."""
-        idx = torch.as_tensor(list(layer_ids), dtype=torch.long)
-        w = self._weight.index_select(0, idx.to(self._weight.device)).to(norms.device)
+        key = tuple(layer_ids)
+        w = self._step_weights.get(key)
+        if w is None:  # once per pattern of layers with gradients: no per-step host-to-device copy
+            idx = torch.as_tensor(list(layer_ids), dtype=torch.long).to(self._weight.device)
+            w = self._step_weights[key] = self._weight.index_select(0, idx).to(norms.device)
         sq = norms.to(torch.float64).square() * w
         self.collectives += 1
-        dist.all_reduce(sq)
+        dist.all_reduce(sq, group=self.group)
         return sq.sqrt().to(torch.float32)
 
     # -- per flush ----------------------------------------------------------------------------------
@@ -182,11 +205,11 @@ class WindowReducer:
         packed = torch.cat([r.reshape(-1), h.reshape(-1), gather.reshape(-1), logged])
         self.collectives += 1
         self.last_bytes = packed.numel() * packed.element_size()
-        dist.all_reduce(packed)
+        dist.all_reduce(packed, group=self.group)
         host = packed.cpu().numpy()  # sync-ok: the flush
         k = n_rows * width
         ring_h = host[:k].reshape(n_rows, width).copy()
-        hist_h = host[k : k + h.numel()].reshape(h.shape).copy()
+        hist_h = np.rint(host[k : k + h.numel()].reshape(h.shape))  # counts: whole again after the 1/replicas weights
         off = k + h.numel()
         gathered = host[off : off + gather.numel()].reshape(gather.shape)
         n_logged = host[off + gather.numel() :]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -326,13 +327,16 @@ class _ActivationTap:
                 i = layer_of[id(w)]
                 self.targets.append((module, i, SATURATION_THRESHOLD.get(activations.get(i) or "")))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._unit_max: dict[int, torch.Tensor] = {}
-        self._sat: dict[int, list[torch.Tensor]] = {}
+        # Per target, preallocated and reset in place: the hooks only update existing tensors, so a
+        # compiled graph that holds them sees the same objects at every call and never recompiles
+        # (a dict that grows, or a Python counter, would be guarded on and retraced per micro-batch).
+        self._acc: dict[int, _TapAccumulators] = {}
         self.sticky = False  # the hooks are part of a compiled graph: they stay on
         self.fired = False  # a hook ran since the last collect()
         self.judge = False  # attached before a whole forward: if none fires, something bypasses them
         #: Why activation statistics are off (None while they are on).
         self.off_reason: str | None = None
+        self._model_ref = weakref.ref(model)
 
     @property
     def attached(self) -> bool:
@@ -342,8 +346,10 @@ class _ActivationTap:
         if self._handles or not self.targets:
             return
         self.judge = judge
-        self._unit_max, self._sat = {}, {}
         for module, i, threshold in self.targets:
+            if i not in self._acc:
+                w = module.weight
+                self._acc[i] = _TapAccumulators(int(w.shape[0]), w.device)
             self._handles.append(module.register_forward_hook(self._hook(i, threshold, isinstance(module, nn.Linear))))
 
     def _hook(self, i: int, threshold: float | None, linear: bool):  # type: ignore[no-untyped-def]
@@ -357,13 +363,14 @@ class _ActivationTap:
                 x = output.detach()
                 unit_dim = x.dim() - 1 if linear else min(1, x.dim() - 1)
                 per_unit = x.movedim(unit_dim, 0).reshape(x.shape[unit_dim], -1).amax(dim=1)
-                prev = self._unit_max.get(i)
-                self._unit_max[i] = per_unit if prev is None else torch.maximum(prev, per_unit)
+                acc = self._acc[i]
+                if per_unit.shape != acc.unit_max.shape:
+                    return  # not the layout the weight implies (a custom module): no statistic
+                torch.maximum(acc.unit_max, per_unit.to(acc.unit_max.dtype), out=acc.unit_max)
+                acc.seen.add_(1)
                 if threshold is not None:
-                    count = (x.abs() > threshold).sum()
-                    acc = self._sat.setdefault(i, [torch.zeros((), dtype=torch.int64, device=x.device), 0])
-                    acc[0] = acc[0] + count
-                    acc[1] += x.numel()  # a shape fact, no device read
+                    acc.sat_count.add_((x.abs() > threshold).sum())
+                    acc.sat_total.add_(x.numel())
 
         return hook
 
@@ -377,20 +384,57 @@ class _ActivationTap:
         self.targets = []
         self.off_reason = reason
 
+    def model_is_compiled(self) -> bool:
+        """Whether torch.compile wraps the model or any of its modules (checked only when hooks that
+        should have run did not: one scan of the live objects)."""
+        from ..objects import live_instances
+
+        model = self._model_ref()
+        if model is None:
+            return False
+        modules = set(map(id, model.modules()))
+        if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
+            return True
+        wrapper = getattr(torch._dynamo.eval_frame, "OptimizedModule", None) if hasattr(torch, "_dynamo") else None
+        return wrapper is not None and any(id(getattr(o, "_orig_mod", None)) in modules for o in live_instances(wrapper))
+
     def detach(self) -> tuple[list[int], list[torch.Tensor], list[int], list[torch.Tensor]]:
         """Remove the hooks (unless a compiled graph holds them); return (layers, dead fractions) and
-        (layers, saturated fractions) of the forwards since the last call."""
+        (layers, saturated fractions) of the forwards since the last call (NaN where none ran)."""
         if not self.sticky:
             for h in self._handles:
                 h.remove()
             self._handles = []
         self.fired = False
-        dead_ids = list(self._unit_max)
-        dead = [(m <= 0).to(torch.float32).mean() for m in self._unit_max.values()]
-        sat_ids = [i for i, (_, total) in self._sat.items() if total]
-        sat = [self._sat[i][0].to(torch.float32) / self._sat[i][1] for i in sat_ids]
-        self._unit_max, self._sat = {}, {}
+        dead_ids, dead, sat_ids, sat = [], [], [], []
+        for _, i, threshold in self.targets:
+            acc = self._acc.get(i)
+            if acc is None:
+                continue
+            dead_ids.append(i)
+            dead.append(torch.where(acc.seen > 0, (acc.unit_max <= 0).to(torch.float32).mean(), math.nan))
+            if threshold is not None:
+                sat_ids.append(i)
+                sat.append(torch.where(acc.sat_total > 0, acc.sat_count.to(torch.float32) / acc.sat_total.clamp(min=1), math.nan))
+        for acc in self._acc.values():
+            acc.reset()
         return dead_ids, dead, sat_ids, sat
+
+
+class _TapAccumulators:
+    """One target's running values over the forwards of a step, on the device."""
+
+    def __init__(self, units: int, device: torch.device):
+        self.unit_max = torch.full((units,), -math.inf, dtype=torch.float32, device=device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.sat_count = torch.zeros((), dtype=torch.int64, device=device)
+        self.sat_total = torch.zeros((), dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.unit_max.fill_(-math.inf)
+        self.seen.zero_()
+        self.sat_count.zero_()
+        self.sat_total.zero_()
 
 
 class TorchProbe:
@@ -466,6 +510,8 @@ class TorchProbe:
         #: with several ranks is initialised by then; None in a single process).
         self._reducer: WindowReducer | None = None
         self._world_checked = False
+        #: (first, last) steps of windows flushed without summing over the ranks (this rank's own numbers).
+        self.local_windows: list[tuple[int, int]] = []
         #: Whether every rank runs this probe (so windows may be summed over them). Integrations that
         #: record on rank 0 only turn it off: a collective on one rank alone would wait forever.
         self.reduce_ranks = True
@@ -576,7 +622,7 @@ class TorchProbe:
             tap = self._tap
             fired, judge = tap.fired, tap.judge
             dead_ids, dead, sat_ids, sat = tap.detach()
-            if judge and not fired and not tap.sticky and self._present[row].any():
+            if judge and not fired and not tap.sticky and self._present[row].any() and tap.model_is_compiled():
                 tap.turn_off("the model's forward ran without gradwatch's activation hooks (a torch.compile "
                              "graph traced before they were attached); dead and saturated units are judged "
                              "from the gradients alone")
@@ -715,8 +761,13 @@ class TorchProbe:
 
     # -- flush --------------------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Copy the used rows to the host (one transfer), derive the statistics, hand them to the sink."""
+    def flush(self, reduce: bool = True) -> None:
+        """Copy the used rows to the host (one transfer), derive the statistics, hand them to the sink.
+
+        Under data parallelism the window is first summed over the ranks (one all_reduce), unless
+        ``reduce`` is False: a flush that only this rank makes (an error, a crash, an interrupt) must
+        not start a collective the others never join. Such a window holds this rank's own numbers.
+        """
         n = self._rows
         n_hist = len(self._hist_steps)
         if n == 0:
@@ -726,23 +777,33 @@ class TorchProbe:
             # The process group ended before this flush (destroyed without gradwatch's wrapper):
             # there is no one left to sum with; this rank's own numbers are all there is.
             self._reducer = None
-            if self.reduce_ranks:
-                print("gradwatch: the process group ended before the last flush; its last "
-                      f"{n} steps hold this rank's own statistics (close the watch before destroy_process_group()).",
-                      file=sys.stderr)
-        if self._reducer is not None:
+            reduce = False
+            print("gradwatch: the process group ended before the last flush; its last "
+                  f"{n} steps hold this rank's own statistics (close the watch before destroy_process_group()).",
+                  file=sys.stderr)
+        if self._reducer is not None and not reduce:
+            self.local_windows.append((int(self._steps[0]), int(self._steps[n - 1])))
+        if self._reducer is not None and reduce:
             # One all_reduce of the window over the ranks; its result crosses to the host once.
             sampled_rows = np.searchsorted(self._steps[:n], np.array(self._hist_steps, np.int64)).tolist()  # sync-ok: numpy
             ring, hist = self._reducer.reduce_window(self._ring[:n], self._hist[:n_hist], self._loss_logged, sampled_rows)
-        else:
-            self._staging[:used].copy_(self._buf[:used], non_blocking=self._staging.is_pinned())
-            if self._staging.is_pinned():
-                torch.cuda.current_stream(self.device).synchronize()  # sync-ok: the one sync per flush
-            host = self._staging.numpy()  # sync-ok: host memory, after the one copy
-            ring = host[: self._ring.numel()].reshape(self._ring.shape)[:n].astype(np.float64)
-            hist = host[self._ring.numel() :].reshape(self._hist.shape)[:n_hist].astype(np.float64)
+            chunk = self._derive(ring, n, hist)
+            # Every rank has summed this window: it is done with, whatever the sink makes of it (a
+            # retry would sum it again, alone, with a size the others do not have).
+            self._clear(used)
+            self._sink(chunk)
+            return
+        self._staging[:used].copy_(self._buf[:used], non_blocking=self._staging.is_pinned())
+        if self._staging.is_pinned():
+            torch.cuda.current_stream(self.device).synchronize()  # sync-ok: the one sync per flush
+        host = self._staging.numpy()  # sync-ok: host memory, after the one copy
+        ring = host[: self._ring.numel()].reshape(self._ring.shape)[:n].astype(np.float64)
+        hist = host[self._ring.numel() :].reshape(self._hist.shape)[:n_hist].astype(np.float64)
         self._sink(self._derive(ring, n, hist))
         # Only once the window is stored: if the sink failed, the next flush tries it again.
+        self._clear(used)
+
+    def _clear(self, used: int) -> None:
         self._buf[:used].fill_(math.nan)  # steps write only what they compute; the rest stays NaN
         self._rows = 0
         self._hist_steps = []
