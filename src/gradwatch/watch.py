@@ -336,10 +336,7 @@ class Watch:
         self._last = att
         with shutdown.critical:
             try:
-                if self._staged_loss is not None:
-                    att.probe.stage_loss(self._staged_loss)
-                    self._staged_loss = None
-                att.probe.on_before_optimizer_step(_current_lr(optimizer))
+                self._probe_step(att)
                 inputs = att.probe.step_inputs
                 scaler = amp.scaler_for(optimizer)
                 grad_scale = None
@@ -366,6 +363,13 @@ class Watch:
             except Exception as e:
                 self._fail(att, e)
 
+    def _probe_step(self, att: _Attached) -> None:
+        """Queue this step's statistics, with the loss the runner captured for it."""
+        if self._staged_loss is not None:
+            att.probe.stage_loss(self._staged_loss)
+            self._staged_loss = None
+        att.probe.on_before_optimizer_step(_current_lr(att.optimizer))
+
     def _record_amp(self, att: _Attached, scaler: Any) -> torch.Tensor | None:
         """GradScaler is stepping this optimizer: record its scale and (fused optimizers) its inf flag;
         return the scale the gradients still carry, if they do."""
@@ -385,10 +389,7 @@ class Watch:
         self._last = att
         with shutdown.critical:
             try:
-                if self._staged_loss is not None:
-                    att.probe.stage_loss(self._staged_loss)
-                    self._staged_loss = None
-                att.probe.on_before_optimizer_step(_current_lr(att.optimizer))
+                self._probe_step(att)
                 att.probe.record_amp(amp.scale_of(scaler), True)
                 att.probe.on_after_optimizer_step()
             except Exception as e:
