@@ -279,7 +279,24 @@ def case_store_fails_rank0(rank: int, world: int, tmp: Path) -> None:
                               "collectives": att.probe.reducer.collectives})
 
 
+def case_crash_without_with(rank: int, world: int, tmp: Path) -> None:
+    """A watch that is never closed (no `with`) and rank 1 raising: its atexit close must not reduce."""
+    model = deep_sigmoid_mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    _watch(ddp, opt, _out(tmp, rank))
+    x, y = circles()
+    for step, idx in enumerate(batches(x)):
+        if step == 5 and rank == 1:
+            raise ValueError("boom without with")
+        part = idx.chunk(world)[rank]
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(ddp(x[part]), y[part]).backward()
+        opt.step()
+
+
 CASES = {
+    "crash_without_with": case_crash_without_with,
     "store_fails_rank0": case_store_fails_rank0,
     "crash_rank0": case_crash_rank0,
     "crash_rank1": case_crash_rank1,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch import nn
 
 import gradwatch as gw
 from gradwatch.diagnose import diagnose
@@ -227,6 +228,39 @@ def test_a_crash_on_one_rank_raises_its_own_error_at_once(crash_rank: int, tmp_p
         assert run.status == "crashed" and run.steps.tolist() == list(range(7))
         meta = json.loads((tmp_path / "run" / "meta.json").read_text())
         assert meta["streams"][0]["local_statistics"].startswith("steps 0-6: rank 0's own statistics")
+
+
+def test_an_unclosed_watch_on_a_crashing_rank_exits_at_once(tmp_path: Path) -> None:
+    """No `with`, no close(): the crashing rank's watch is closed at interpreter exit, where nothing
+    says the other ranks are exiting too, so it does not reduce (it would wait for rank 0, which is
+    inside DDP's backward)."""
+    t0 = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException, match="ValueError: boom without with"):
+        run_ranks("crash_without_with", tmp_path, attempts=1)
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_snapshot_that_cannot_be_written_stays_in_memory(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Rollback(storage=DIR) on a full disk keeps its snapshots in host memory and still restores
+    (under data parallelism a failing guard would leave this rank out of the next reduction)."""
+    def full_disk(*a, **k):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    model = deep_sigmoid_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rb = gw.guards.Rollback(every=5, storage=str(tmp_path / "snaps"))
+    x, y = dist_worker.circles()
+    with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False, flush_every=5, guards=[rb]) as w:
+        for step in range(30):
+            opt.zero_grad()
+            loss = nn.functional.binary_cross_entropy_with_logits(model(x[:64]), y[:64]) * (1e30 if step == 17 else 1.0)
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    assert w.run.status == "finished"
+    assert len(rb.events) == 1  # the blow-up at step 17 was undone from the in-memory snapshot
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_a_store_failure_on_rank_0_leaves_no_rank_waiting(tmp_path: Path) -> None:

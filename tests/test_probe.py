@@ -8,12 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from models import ARCHITECTURES, OddParams, SmallTransformer, make, mlp, train
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradwatch as gw
-from gradwatch.probe.torch import SATURATION_THRESHOLD, ProbeConfig, TorchProbe, build_layer_table
+from gradwatch.probe.torch import (
+    SATURATION_THRESHOLD,
+    ProbeConfig,
+    TorchProbe,
+    build_layer_table,
+)
 from gradwatch.store import HIST_EXP_MAX, HIST_EXP_MIN
-from models import ARCHITECTURES, OddParams, SmallTransformer, make, mlp, train
 
 aten = torch.ops.aten
 
@@ -468,3 +474,35 @@ def test_saturation_matches_the_reference_for_sigmoid_and_tanh(tmp_path: Path) -
     sat = run.layer_series("act_sat_frac")
     assert np.all(sat[:, run.layer_index("0.weight")] > 0.2) and np.all(sat[:, run.layer_index("2.weight")] > 0.2)
     assert np.all(np.isnan(sat[:, run.layer_index("4.weight")]))  # no saturating activation after it
+
+
+def test_activation_tap_survives_a_model_moved_after_watch(tmp_path: Path) -> None:
+    """The tap's accumulators live on the device the model had when they were made; a model moved
+    afterwards (here to "meta", standing in for .cuda()) must not make the forward fail."""
+    import gradwatch as gw
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False)
+    try:
+        model.to("meta")
+        out = model(torch.randn(2, 4, device="meta"))  # the tap is attached for step 0's forward
+        assert out.shape == (2, 1)
+    finally:
+        w.detach()
+
+
+def test_activation_tap_reads_unbatched_conv_input(tmp_path: Path) -> None:
+    """Conv1d on an unbatched (C, L) input: units are channels, axis 0 there (axis 1 when batched)."""
+    import gradwatch as gw
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU(), nn.Flatten(0), nn.Linear(4 * 6, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, out=tmp_path / "c", quiet=True, report=False, sample_every=1):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(3, 8)).sum().backward()
+            opt.step()
+    dead = gw.load_run(tmp_path / "c").layer_series("act_dead_frac")
+    assert np.isfinite(dead[:, 0]).all()  # 0.weight: the Conv1d

@@ -160,3 +160,28 @@ def test_a_new_run_never_mixes_into_an_old_one(tmp_path):
     run = gradwatch.load_run(out)
     assert len(run.steps) == 3  # the old series are gone, not appended to
     assert run.status == "finished"
+
+
+def test_a_disk_full_at_close_does_not_fail_the_script(tmp_path, monkeypatch, capsys):  # type: ignore[no-untyped-def]
+    """Training is over when the watch closes: a store that cannot write its last window or its
+    final meta.json is reported, and the `with` block ends normally (the script can still save its model)."""
+    import torch
+    from torch import nn
+
+    import gradwatch as gw
+    from gradwatch import store
+
+    def full(*a, **k):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+        monkeypatch.setattr(store.StreamWriter, "append", full)
+        monkeypatch.setattr(store.RunWriter, "finish", full)
+    err = capsys.readouterr().err
+    assert "could not write the last steps" in err and "could not mark" in err

@@ -519,6 +519,11 @@ class Watch:
 
     def close(self, status: str = "finished") -> None:
         """Detach, flush what is buffered, and mark the run ``finished`` (or ``crashed``)."""
+        # Every rank ends a finished (or guard-stopped) run at the same step; a crash or an interrupt
+        # reaches one rank alone, which must not wait for the others in a reduction.
+        self._close(status, reduce=status in ("finished", "stopped"))
+
+    def _close(self, status: str, reduce: bool) -> None:
         if self._closed:
             return
         self._closed = True
@@ -533,13 +538,17 @@ class Watch:
             return
         with shutdown.critical:
             try:
-                # Every rank ends a finished (or guard-stopped) run at the same step; a crash or an
-                # interrupt reaches one rank alone, which must not wait for the others in a reduction.
-                self._flush(reduce=status in ("finished", "stopped"))
+                self._flush(reduce=reduce)
+            except Exception as e:  # training is over: say what is missing, do not fail the script now
+                print(f"gradwatch: could not write the last steps to {self.out} ({type(e).__name__}: {e}); "
+                      "the run holds what was written before.", file=sys.stderr)
             finally:
                 self._record_guards()
                 self._record_notes()
-                self._writer.finish(status)
+                try:
+                    self._writer.finish(status)
+                except Exception as e:
+                    print(f"gradwatch: could not mark {self.out} as {status} ({type(e).__name__}: {e}).", file=sys.stderr)
                 self._status = status
                 _live.discard(self)
                 shutdown.release()
@@ -703,11 +712,14 @@ def _flush_before_destroy() -> None:
     original = dist.destroy_process_group
 
     def destroy_process_group(group: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if group is None:
+        if group is None or group is dist.group.WORLD:  # both end every group, gradwatch's too
+            # Called while an exception propagates (a `finally:` after this rank crashed), the other
+            # ranks are not here: this rank's window is flushed as its own, without a reduction.
+            alone = sys.exc_info()[0] is not None
             for w in list(_live):
                 if not w._closed and any(a.probe.reducer is not None for a in w._attached.values()):
                     try:
-                        w.flush()
+                        w._flush(reduce=not alone)
                     except Exception as e:  # the script's shutdown goes on
                         print(f"gradwatch: could not flush before the process group ended ({type(e).__name__}: {e}).", file=sys.stderr)
         return original(group, *args, **kwargs)
@@ -779,9 +791,15 @@ _live: "weakref.WeakSet[Watch]" = weakref.WeakSet()
 
 
 def _close_all(status: str) -> None:
+    # An exception that ended the script reaches atexit as sys.last_value: the run crashed (and under
+    # data parallelism this rank is alone now: its last window must not wait for a reduction).
+    if status == "finished" and getattr(sys, "last_value", None) is not None:
+        status = "crashed"
     for w in list(_live):
         try:
-            w.close(status=w._exit_status if status == "finished" else status)
+            # At interpreter exit nothing says the other ranks are exiting too (a wrapper may have
+            # caught this rank's exception): the last window is this rank's own, never reduced.
+            w._close(w._exit_status if status == "finished" else status, reduce=False)
         except Exception as e:  # the record is best effort at this point; say why it failed
             print(f"gradwatch: could not finish {w.out}: {e}", file=sys.stderr)
 

@@ -71,9 +71,12 @@ class ClipValue(_Counted):
         v: float | torch.Tensor = self.value
         if step.grad_scale is not None:
             v = step.grad_scale * self.value  # gradients still carrying GradScaler's scale (fused optimizer)
-        # Whether anything is beyond the bound: the largest |g| per tensor, compared on the device.
-        maxabs = torch.stack([torch.linalg.vector_norm(g, float("inf")).to(step.device) for g in step.grads if g.numel()])
-        self._count(step, (torch.isfinite(maxabs) & (maxabs > v)).any())
+        # Whether anything is beyond the bound: the largest |g| per tensor, compared on the device
+        # (an FSDP2 rank may hold only empty shards of small layers: nothing to compare there).
+        peaks = [torch.linalg.vector_norm(g, float("inf")).to(step.device) for g in step.grads if g.numel()]
+        if peaks:
+            maxabs = torch.stack(peaks)
+            self._count(step, (torch.isfinite(maxabs) & (maxabs > v)).any())
         for ids in step._groups().values():
             grads = [step.grads[i] for i in ids]
             if isinstance(v, torch.Tensor):

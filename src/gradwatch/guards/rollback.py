@@ -121,6 +121,7 @@ class Rollback(Guard):
     def setup(self, ctx: GuardSetup) -> None:
         self._opt = ctx.optimizer
         self._say = ctx.say
+        self._disk_warned = False
         self._opt_params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
         # This optimizer's parameters; the model's buffers (BatchNorm statistics) too when the model
         # is this optimizer's alone — with several optimizers on one model each restores only its own.
@@ -221,7 +222,16 @@ class Rollback(Guard):
             snap.state[id(p)] = saved
         snap.step, snap.good = step, False
         if self._on_disk:
-            self._to_disk(snap)
+            try:
+                self._to_disk(snap)
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+                # A full or missing disk must not cost the guard (under data parallelism it would leave
+                # this rank out of the next reduction): the snapshot stays in host memory instead.
+                snap.file = None
+                if not self._disk_warned:
+                    self._disk_warned = True
+                    self._say(f"Rollback: could not write a snapshot to {self.storage} ({getattr(e, 'strerror', None) or e}); "
+                              "keeping snapshots in host memory instead.")
         self._snapshots.append(snap)
 
     def _restore(self, snap: _Snapshot) -> None:

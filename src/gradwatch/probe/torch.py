@@ -347,12 +347,13 @@ class _ActivationTap:
             return
         self.judge = judge
         for module, i, threshold in self.targets:
-            if i not in self._acc:
-                w = module.weight
-                self._acc[i] = _TapAccumulators(int(w.shape[0]), w.device)
-            self._handles.append(module.register_forward_hook(self._hook(i, threshold, isinstance(module, nn.Linear))))
+            w = module.weight
+            acc = self._acc.get(i)
+            if acc is None or acc.unit_max.device != w.device or acc.unit_max.shape[0] != w.shape[0]:
+                self._acc[i] = _TapAccumulators(int(w.shape[0]), w.device)  # new, or the model moved
+            self._handles.append(module.register_forward_hook(self._hook(i, threshold, w.dim())))
 
-    def _hook(self, i: int, threshold: float | None, linear: bool):  # type: ignore[no-untyped-def]
+    def _hook(self, i: int, threshold: float | None, weight_dim: int):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             if torch.compiler.is_compiling():
                 self.sticky = True  # traced into a graph: removing the hook would recompile it
@@ -361,11 +362,13 @@ class _ActivationTap:
                 return
             with torch.no_grad():
                 x = output.detach()
-                unit_dim = x.dim() - 1 if linear else min(1, x.dim() - 1)
+                # The unit axis: the last for Linear (any leading dims), the channel axis for ConvNd,
+                # batched or not (a ConvNd weight has the input's spatial dims plus 2).
+                unit_dim = max(0, x.dim() - weight_dim + 1) if weight_dim > 2 else x.dim() - 1
                 per_unit = x.movedim(unit_dim, 0).reshape(x.shape[unit_dim], -1).amax(dim=1)
                 acc = self._acc[i]
-                if per_unit.shape != acc.unit_max.shape:
-                    return  # not the layout the weight implies (a custom module): no statistic
+                if per_unit.shape != acc.unit_max.shape or per_unit.device != acc.unit_max.device:
+                    return  # not the layout the weight implies, or the model moved: no statistic (the next attach re-allocates)
                 torch.maximum(acc.unit_max, per_unit.to(acc.unit_max.dtype), out=acc.unit_max)
                 acc.seen.add_(1)
                 if threshold is not None:
@@ -398,16 +401,17 @@ class _ActivationTap:
         wrapper = getattr(torch._dynamo.eval_frame, "OptimizedModule", None) if hasattr(torch, "_dynamo") else None
         return wrapper is not None and any(id(getattr(o, "_orig_mod", None)) in modules for o in live_instances(wrapper))
 
-    def detach(self) -> tuple[list[int], list[torch.Tensor], list[int], list[torch.Tensor]]:
+    def detach(self, keep: bool = True) -> tuple[list[int], list[torch.Tensor], list[int], list[torch.Tensor]]:
         """Remove the hooks (unless a compiled graph holds them); return (layers, dead fractions) and
-        (layers, saturated fractions) of the forwards since the last call (NaN where none ran)."""
+        (layers, saturated fractions) of the forwards since the last call (NaN where none ran), or
+        nothing when not ``keep`` (a sticky tap between sampled steps: only the reset is needed)."""
         if not self.sticky:
             for h in self._handles:
                 h.remove()
             self._handles = []
         self.fired = False
         dead_ids, dead, sat_ids, sat = [], [], [], []
-        for _, i, threshold in self.targets:
+        for _, i, threshold in self.targets if keep else ():
             acc = self._acc.get(i)
             if acc is None:
                 continue
@@ -621,13 +625,11 @@ class TorchProbe:
         if self._tap is not None and self._tap.attached:
             tap = self._tap
             fired, judge = tap.fired, tap.judge
-            dead_ids, dead, sat_ids, sat = tap.detach()
+            dead_ids, dead, sat_ids, sat = tap.detach(keep=sampled)  # a sticky tap collects at every step
             if judge and not fired and not tap.sticky and self._present[row].any() and tap.model_is_compiled():
                 tap.turn_off("the model's forward ran without gradwatch's activation hooks (a torch.compile "
                              "graph traced before they were attached); dead and saturated units are judged "
                              "from the gradients alone")
-            if not sampled:
-                dead, sat = [], []  # a sticky tap collects at every step; only sampled steps keep it
             if dead:
                 self._put(ring_row, "a_dead", ("ad", tuple(dead_ids)), dead_ids, dead)
             if sat:
