@@ -48,3 +48,12 @@ def test_distributed_benchmark_quick_run_prints_every_case() -> None:
     assert set(rows) == {"ddp", "ddp+clip", "fsdp2", "fsdp2+clip"}
     assert rows["ddp"][-1] == "0.00" and rows["ddp+clip"][-1] == "1.00"  # all_reduce calls per step
     assert int(rows["fsdp2"][-2].replace(",", "")) > 0  # bytes per flush
+
+
+def test_compile_benchmark_quick_run_prints_every_arm() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line[:20].strip(): line[20:].split() for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"compiled", "gradwatch", "gradwatch, no tap"}
+    assert all(r[-1] == "1" for r in rows.values())  # one compiled frame each: no recompiles
