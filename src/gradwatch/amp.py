@@ -24,7 +24,7 @@ import torch
 
 #: optimizer id -> the GradScaler whose step() is running for it (set only during scaler.step).
 _current: dict[int, Any] = {}
-#: Receives (scaler, optimizer, steps_before) after each scaler.step; set by watch.py.
+#: Called with (scaler, optimizer) before each scaler.step; each returns what to run after it (watch.py installs one).
 _listeners: list[Callable[[Any, torch.optim.Optimizer], Any]] = []
 _installed = False
 

@@ -24,7 +24,7 @@ import torch
 
 from .errors import GradwatchError
 from .store import Chunk
-from .watch import Watch, default_out
+from .watch import Watch, default_out, refuse_rank0_guards
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -64,11 +64,8 @@ class GradWatch(Callback):
     # -- lifecycle --------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Any, pl_module: torch.nn.Module) -> None:
-        if self.watch_options.get("guards") and trainer.world_size > 1:
-            raise GradwatchError(
-                "gradwatch.lightning.GradWatch records on rank 0 only, so its guards would change rank 0's "
-                "gradients alone and the replicas would drift apart; with several processes use Lightning's "
-                "gradient_clip_val, or gradwatch.watch(..., guards=[...]) on every rank in a plain loop.")
+        refuse_rank0_guards(self.watch_options.get("guards"), trainer.world_size, "gradwatch.lightning.GradWatch",
+                            "Lightning's gradient_clip_val")
         if trainer.global_rank != 0:
             return  # one writer per run: rank 0 (other ranks see the same all-reduced gradients)
         self._trainer = trainer

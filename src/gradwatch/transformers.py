@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from .errors import GradwatchError
-from .watch import Watch, default_out
+from .watch import Watch, default_out, refuse_rank0_guards
 
 try:
     from transformers import TrainerCallback
@@ -110,11 +110,8 @@ class GradWatchCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close("crashed")  # a previous train() that raised never reached on_train_end
-        if self.watch_options.get("guards") and getattr(args, "world_size", 1) > 1:
-            raise GradwatchError(
-                "gradwatch.transformers.GradWatchCallback records on the main process only, so its guards would "
-                "change that process's gradients alone and the replicas would drift apart; with several processes "
-                "use the Trainer's max_grad_norm, or gradwatch.watch(..., guards=[...]) on every rank in a plain loop.")
+        refuse_rank0_guards(self.watch_options.get("guards"), getattr(args, "world_size", 1),
+                            "gradwatch.transformers.GradWatchCallback", "the Trainer's max_grad_norm")
         if not state.is_world_process_zero:
             return  # one writer per run (other ranks see the same all-reduced gradients)
         model, optimizer = kwargs.get("model"), _torch_optimizer(kwargs.get("optimizer"))

@@ -244,6 +244,11 @@ class Watch:
         return self
 
     @property
+    def _reduces(self) -> bool:
+        """Whether any stream sums its windows over data-parallel ranks."""
+        return any(a.probe.reducer is not None for a in self._attached.values())
+
+    @property
     def writes(self) -> bool:
         """Whether this process writes the run (rank 0, or no torch.distributed)."""
         return self.rank == 0
@@ -661,7 +666,7 @@ class Watch:
         reads what is stored, since a flush on one rank alone would wait for the others)."""
         if not self.writes:
             raise GradwatchError(f"rank {self.rank} does not write the run; read it on rank 0 (or load_run({str(self.out)!r}) there).")
-        if not self._closed and not (self._attached and any(a.probe.reducer is not None for a in self._attached.values())):
+        if not self._closed and not self._reduces:
             self.flush()
         return load_run(self.out)
 
@@ -675,6 +680,16 @@ class Watch:
         from .diagnose import diagnose
 
         return diagnose(self.run)
+
+
+def refuse_rank0_guards(guards: Any, world_size: int, callback: str, framework_clip: str) -> None:
+    """Callbacks that record on rank 0 only cannot guard: their guards would change rank 0's gradients
+    alone and the replicas would drift apart. With several processes, say what to use instead."""
+    if guards and world_size > 1:
+        raise GradwatchError(
+            f"{callback} records on rank 0 only, so its guards would change rank 0's gradients alone and the "
+            f"replicas would drift apart; with several processes use {framework_clip}, or "
+            "gradwatch.watch(..., guards=[...]) on every rank in a plain loop.")
 
 
 def _amp_listener(scaler: Any, optimizer: torch.optim.Optimizer) -> Any:
@@ -717,7 +732,7 @@ def _flush_before_destroy() -> None:
             # ranks are not here: this rank's window is flushed as its own, without a reduction.
             alone = sys.exc_info()[0] is not None
             for w in list(_live):
-                if not w._closed and any(a.probe.reducer is not None for a in w._attached.values()):
+                if not w._closed and w._reduces:
                     try:
                         w._flush(reduce=not alone)
                     except Exception as e:  # the script's shutdown goes on
