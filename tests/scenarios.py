@@ -43,7 +43,9 @@ class Scenario:
         train: trains the model under gradwatch into the given run directory.
         details: what else the scenario pins down (read by the tests): ``origin``, the allowed
             ``evidence["origin"]`` of its nonfinite finding (which must then exist); ``first_step``,
-            that finding's first step; ``forbid``, finding kinds it must not raise at all.
+            that finding's first step; ``forbid``, finding kinds it must not raise at all;
+            ``warn_before_nonfinite``, how many steps before the first non-finite gradient norm the
+            expected finding must start.
     """
 
     name: str
@@ -73,11 +75,13 @@ def fit(
     seed: int = 0,
     sample_every: int = SAMPLE_EVERY,
     corrupt: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    scheduler: Any = None,
 ) -> None:
     """Mini-batch training for ``steps`` optimizer steps over shuffled epochs of ``(x, y)``.
 
     Nothing is caught: a run that goes NaN keeps stepping with NaN, as plain training does.
-    ``corrupt(step, xb)`` may replace a batch's inputs (bad data at a known step).
+    ``corrupt(step, xb)`` may replace a batch's inputs (bad data at a known step); ``scheduler``
+    (a torch LR scheduler) steps after every optimizer step.
     """
     gen = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
@@ -85,12 +89,12 @@ def fit(
     # parallelism to win, only synchronisation to pay); the recorded numbers are one thread's.
     torch.set_num_threads(1)
     try:
-        _loop(model, optimizer, x, y, loss_fn, out, steps, batch_size, gen, sample_every, corrupt)
+        _loop(model, optimizer, x, y, loss_fn, out, steps, batch_size, gen, sample_every, corrupt, scheduler)
     finally:
         torch.set_num_threads(threads)
 
 
-def _loop(model, optimizer, x, y, loss_fn, out, steps, batch_size, gen, sample_every, corrupt) -> None:
+def _loop(model, optimizer, x, y, loss_fn, out, steps, batch_size, gen, sample_every, corrupt, scheduler) -> None:
     step = 0
     with gw.watch(model, optimizer, out=out, quiet=True, sample_every=sample_every) as w:
         while step < steps:
@@ -107,6 +111,8 @@ def _loop(model, optimizer, x, y, loss_fn, out, steps, batch_size, gen, sample_e
                 loss.backward()
                 optimizer.step()
                 w.log(loss=loss)
+                if scheduler is not None:
+                    scheduler.step()
                 step += 1
 
 
@@ -437,6 +443,65 @@ def healthy_scaled_regression_sgd(out: Path) -> None:
 # the data: a nonfinite finding must not blame the forward pass.
 _BLOWN_UP = {"origin": ("weights", "backward")}
 
+# ------------------------------------------------------------------------------------ slow divergence
+
+
+#: Growth of the learning rate per step in ``exploding_growing_lr`` (the real-code issue's case).
+LR_GROWTH = 1.015
+
+
+def growing_lr_run(out: Path, seed: int = 0, lr: float = 0.001, hidden: tuple[int, ...] = (25,),
+                   batch_size: int = 500, steps: int = 500) -> None:
+    """A learning rate that grows 1.5% per step (a schedule set up the wrong way round): the run
+    trains, passes the edge of stability, and the gradient norm rises exponentially for dozens of
+    steps before it turns non-finite. Standardised make_regression (500 points; full batch by
+    default, as small real runs are), ReLU MLP, plain SGD."""
+    torch.manual_seed(seed)
+    x, y = regression_001(scale_targets=True)
+    model = _mlp([20, *hidden, 1], nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: LR_GROWTH ** s)
+    fit(model, opt, x, y, nn.MSELoss(), out, steps=steps, batch_size=batch_size, seed=seed, scheduler=sched)
+
+
+def exploding_growing_lr(out: Path) -> None:
+    growing_lr_run(out, lr=0.002, hidden=(64, 64), steps=560)
+
+
+def healthy_warmup_cosine(out: Path) -> None:
+    """Linear warm-up over 100 steps to a large SGD lr, then cosine decay: the norm moves with the
+    lr during warm-up without diverging."""
+    torch.manual_seed(0)
+    x, y = moons()
+    model = _mlp([2, 64, 64, 1], nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    total = 600
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / 100 if s < 100 else 0.5 * (1 + math.cos(math.pi * (s - 100) / (total - 100))))
+    fit(model, opt, x, y, nn.BCEWithLogitsLoss(), out, steps=total, scheduler=sched)
+
+
+def healthy_cosine_restarts(out: Path) -> None:
+    """SGD with cosine annealing and warm restarts every 60 steps: the lr jumps back up at each
+    restart, and the norm with it, then settles."""
+    torch.manual_seed(0)
+    x, y = regression_001(scale_targets=True)
+    model = _he_uniform_relu_regressor(20, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=60)
+    fit(model, opt, x, y, nn.MSELoss(), out, steps=600, scheduler=sched)
+
+
+def healthy_noisy_small_batches(out: Path) -> None:
+    """Batches of 4 on noisy labels (make_classification, 20% flipped): a gradient norm that jumps
+    from batch to batch by an order of magnitude, and a loss that falls all the same."""
+    torch.manual_seed(0)
+    x, y = make_classification(n_samples=2000, n_features=20, n_informative=10, flip_y=0.2, random_state=3)
+    model = _mlp([20, 64, 64, 1], nn.ReLU)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fit(model, opt, _tensor(x), _tensor(y).unsqueeze(1), nn.BCEWithLogitsLoss(), out, steps=600, batch_size=4)
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
@@ -458,6 +523,9 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("nonfinite_nan_input", "nonfinite",
                  f"make_moons ReLU MLP + Adam, NaN in the inputs at step {NAN_STEP}", nonfinite_nan_input,
                  {"origin": ("forward",), "first_step": NAN_STEP, "forbid": ("exploding_gradients",)}),
+        Scenario("exploding_growing_lr", "exploding_gradients",
+                 f"standardised make_regression, full batch, ReLU MLP 20-64-64-1, SGD lr 0.002 growing {LR_GROWTH - 1:.1%} per step",
+                 exploding_growing_lr, {**_BLOWN_UP, "warn_before_nonfinite": 20}),
         Scenario("healthy_relu_mlp_adam", None, "make_moons, ReLU MLP 32-32, Adam", healthy_relu_mlp_adam),
         Scenario("healthy_tanh_glorot_rmsprop", None,
                  "seed 004 fix: make_circles, tanh MLP 4x5, Glorot, RMSprop lr 1e-3", healthy_tanh_glorot_rmsprop),
@@ -469,5 +537,13 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("healthy_scaled_regression_sgd", None,
                  "seed 001 fix: standardised make_regression, MLP 20-25-1 He, SGD momentum",
                  healthy_scaled_regression_sgd),
+        Scenario("healthy_warmup_cosine", None,
+                 "make_moons, ReLU MLP 64-64, SGD lr 0.5: 100 warm-up steps, then cosine decay", healthy_warmup_cosine),
+        Scenario("healthy_cosine_restarts", None,
+                 "standardised make_regression, ReLU MLP 20-64-1, SGD, cosine warm restarts every 60 steps",
+                 healthy_cosine_restarts),
+        Scenario("healthy_noisy_small_batches", None,
+                 "make_classification with 20% flipped labels, ReLU MLP 64-64, Adam, batches of 4",
+                 healthy_noisy_small_batches),
     ]
 }

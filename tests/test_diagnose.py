@@ -68,12 +68,14 @@ def test_healthy_series_give_no_finding() -> None:
     assert kinds(healthy()) == []
 
 
-def test_explosion_is_reported_at_the_step_the_norm_passes_100x_its_early_median() -> None:
+def test_explosion_is_reported_by_the_step_the_norm_passes_100x_its_early_median() -> None:
     run = healthy()
     run.step["grad_norm"][60:] = np.geomspace(2, 1e6, 140)  # median of the first steps is ~1.05
     f = next(f for f in gw.diagnose(run) if f.kind == "exploding_gradients")
     crossing = int(np.flatnonzero(run.step["grad_norm"] > 100 * np.median(run.step["grad_norm"][:10]))[0])
-    assert f.first_step == crossing
+    assert f.evidence["threshold_crossing_step"] == crossing
+    # A steady exponential climb is flagged as soon as it is one (30 steps of it), at or before the crossing.
+    assert f.first_step == min(crossing, f.evidence["sustained_rise_step"]) and f.first_step <= crossing
     assert f.severity == "warning"  # no non-finite value followed
     assert f.remedies[0].action == "clip_norm"
 
@@ -124,6 +126,7 @@ def test_exact_zero_gradients_are_dead_units_not_vanishing() -> None:
     run.layer["grad_zero_frac"][::10, 1] = 0.75  # 12 of 16 ReLU units get no gradient: never active
     run.layer["grad_rms"][:, 0] = 1e-5
     run.layer["grad_zero_frac"][::10, 0] = 0.95
+    run.step["loss"][:] = 0.69  # and the run is not learning: the dead units hurt (else they are info)
     found = kinds(run)
     assert "dead_units" in found and "vanishing_gradients" not in found
 
@@ -199,7 +202,12 @@ def test_degenerate_runs_get_a_finding_or_a_sentence(case: str, tmp_path: Path) 
     assert "Traceback" not in result.stderr
     assert result.returncode == 0, result.stderr
     found = kinds(gw.load_run(out))
-    expected = {"one_step": [], "zero_grads": ["dead_units"], "nan_loss": ["nonfinite"], "no_layers": []}[case]
+    if case == "zero_grads":  # no gradient anywhere, from step 0: an error that says the loss reaches no weight
+        f = next(f for f in gw.load_run(out).findings if f.kind == "vanishing_gradients")
+        assert f.severity == "error" and f.first_step == 0 and f.evidence["cause"] == "loss_detached", f.summary
+        assert "dead_units" not in found, found
+        return
+    expected = {"one_step": [], "nan_loss": ["nonfinite"], "no_layers": []}[case]
     assert found == expected, found
 
 

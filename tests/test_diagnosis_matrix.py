@@ -177,6 +177,14 @@ def check_diagnosis(name: str, fs: Sequence[gw.Finding]) -> None:
         )
         if "first_step" in s.details:
             assert nonfinite[0].first_step == s.details["first_step"], f"{name}: {nonfinite[0].summary}"
+    lead = s.details.get("warn_before_nonfinite")
+    if lead is not None:
+        run = gw.load_run(trained(name).path)
+        bad = _first_nonfinite(run.step_series("grad_norm"))
+        flagged = min(f.first_step for f in fs if f.kind == s.expect and f.severity in SERIOUS)
+        assert bad is not None and flagged <= int(run.steps[bad]) - lead, (
+            f"{name}: {s.expect} flagged at step {flagged}, the first non-finite norm is at step "
+            f"{None if bad is None else int(run.steps[bad])}: not {lead} steps ahead")
     for f in fs:  # every finding says what, when, and (for the expected kind) what to do
         assert f.summary and 0 <= f.first_step <= f.last_step, f
         if f.kind == s.expect and f.severity in SERIOUS:

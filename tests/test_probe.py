@@ -64,6 +64,8 @@ class Reference:
         x = np.concatenate(outs, axis=1)  # units x (all values of every forward of the step)
         if metric == "act_dead_frac":
             return float(np.mean(x.max(axis=1) <= 0))
+        if metric == "act_const_frac":  # every value of the unit the same (needs more than one value)
+            return float(np.mean(x.max(axis=1) == x.min(axis=1))) if x.shape[1] > 1 else np.nan
         threshold = SATURATION_THRESHOLD.get(act or "")
         return np.nan if threshold is None else float(np.mean(np.abs(x) > threshold))
 
@@ -97,7 +99,7 @@ class Reference:
         raise KeyError(metric)
 
 
-SAMPLED = {"act_dead_frac", "act_sat_frac", "grad_mean", "grad_maxabs", "grad_std", "grad_zero_frac", "weight_norm", "weight_rms", "weight_mean", "weight_std", "update_ratio"}
+SAMPLED = {"act_dead_frac", "act_sat_frac", "act_const_frac", "grad_mean", "grad_maxabs", "grad_std", "grad_zero_frac", "weight_norm", "weight_rms", "weight_mean", "weight_std", "update_ratio"}
 
 
 def assert_matches_reference(run: gw.Run, ref: Reference, sample_every: int) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .errors import GradwatchError
-from .probe.torch import global_norm
+from .probe.torch import TapTarget, global_norm
 from .store import LayerInfo
 from .watch import Watch, default_out
 
@@ -36,7 +36,84 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 _ACTIVATIONS = {"relu": "ReLU", "sigmoid": "Sigmoid", "tanh": "Tanh", "elu": "ELU", "selu": "SELU", "gelu": "GELU",
                 "silu": "SiLU", "swish": "SiLU", "leaky_relu": "LeakyReLU", "softplus": "Softplus", "softsign": "Softsign",
-                "hard_sigmoid": "Hardsigmoid", "mish": "Mish"}
+                "hard_sigmoid": "Hardsigmoid", "mish": "Mish", "softmax": "Softmax", "relu6": "ReLU6",
+                "hard_tanh": "Hardtanh", "log_softmax": "LogSoftmax"}
+#: Keras layers that are an activation (besides ``Activation``, which names its function).
+_ACTIVATION_LAYERS = {"ReLU": "ReLU", "LeakyReLU": "LeakyReLU", "PReLU": "PReLU", "ELU": "ELU", "Softmax": "Softmax"}
+#: Keras layers that may stand between a layer and its activation without changing which one it is.
+_TRANSPARENT_LAYERS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
+                       "GaussianDropout", "AlphaDropout", "BatchNormalization", "LayerNormalization",
+                       "GroupNormalization", "ActivityRegularization", "Identity")
+
+
+def _activation_of(layer: Any) -> str | None:
+    """The activation a layer applies itself (``Dense(activation="tanh")``, ``Activation("relu")``,
+    ``ReLU()``), as a layer-table name; None for linear or none."""
+    kind = _ACTIVATION_LAYERS.get(type(layer).__name__)
+    if kind is not None:
+        return kind
+    fn = getattr(layer, "activation", None)
+    return _ACTIVATIONS.get(getattr(fn, "__name__", "") or "")
+
+
+def _is_activation_layer(layer: Any) -> bool:
+    return type(layer).__name__ in _ACTIVATION_LAYERS or type(layer).__name__ == "Activation"
+
+
+def _consumers(model: Any, layers: list[Any]) -> dict[int, list[Any]]:
+    """Layer -> the layers its output feeds, from the functional graph (Sequential models build one
+    too); where no graph exists, a Sequential's list order."""
+    out: dict[int, list[Any]] = {}
+    for layer in layers:
+        for node in getattr(layer, "_inbound_nodes", []) or []:
+            for parent in getattr(node, "parent_nodes", []) or []:
+                op = getattr(parent, "operation", None)
+                if op is not None and op is not layer:
+                    out.setdefault(id(op), []).append(layer)
+    if not out and hasattr(model, "layers"):
+        seq = list(model.layers)
+        for a, b in zip(seq, seq[1:]):
+            out.setdefault(id(a), []).append(b)
+    return out
+
+
+def _following_activation(layer: Any, consumers: dict[int, list[Any]]) -> str | None:
+    """The activation applied to a linear layer's output by the layers after it (``Dense`` then
+    ``Activation("tanh")``), through dropout and normalisation layers; None when it is not one."""
+    seen = 0
+    current = layer
+    while seen < 8:
+        nxt = consumers.get(id(current), [])
+        if len(nxt) != 1:
+            return None
+        current, seen = nxt[0], seen + 1
+        if _is_activation_layer(current):
+            return _activation_of(current)
+        if type(current).__name__ not in _TRANSPARENT_LAYERS:
+            return None
+    return None
+
+
+def loss_name(model: Any) -> str | None:
+    """The compiled loss, as a string the diagnosis reads (``binary_crossentropy``,
+    ``BinaryCrossentropy(from_logits=True)``); None when it cannot be told."""
+    loss = getattr(model, "loss", None)
+    if loss is None:
+        return None
+    if isinstance(loss, str):
+        return loss
+    if isinstance(loss, (list, tuple, dict)):
+        return None  # several outputs: not one output/loss pair to judge
+    config = getattr(loss, "get_config", None)
+    name = type(loss).__name__ if not callable(loss) or hasattr(loss, "get_config") else getattr(loss, "__name__", None)
+    if name in (None, "function", "LossFunctionWrapper"):
+        fn = getattr(loss, "fn", None)
+        name = getattr(fn, "__name__", None) or getattr(loss, "name", None)
+    try:
+        logits = bool(config().get("from_logits")) if config is not None else False
+    except Exception:
+        logits = False
+    return f"{name}(from_logits=True)" if logits and name else name
 
 
 def _check_backend() -> None:
@@ -69,24 +146,66 @@ def _view_class(optimizer: Any) -> type:
     return type(f"keras.{type(optimizer).__name__}", (KerasOptimizerView,), {})
 
 
-def layer_table(model: Any, variables: list[Any]) -> tuple[list[LayerInfo], list[torch.Tensor]]:
-    """Layers named by Keras variable path, typed by their Keras layer, with its activation."""
+def _all_layers(model: Any) -> list[Any]:
+    return list(getattr(model, "_flatten_layers", lambda **k: model.layers)(include_self=False, recursive=True))
+
+
+def _owners(model: Any) -> dict[int, Any]:
     owner: dict[int, Any] = {}
-    for layer in getattr(model, "_flatten_layers", lambda **k: model.layers)(include_self=False, recursive=True):
+    for layer in _all_layers(model):
         for v in getattr(layer, "_trainable_variables", []) + getattr(layer, "_non_trainable_variables", []):
             owner.setdefault(id(v), layer)
+    return owner
+
+
+def _effective_activations(model: Any) -> dict[int, str | None]:
+    """Layer -> the activation applied to its output: its own, or that of the activation layer
+    that follows it (``Dense(8)`` then ``Activation("tanh")``)."""
+    layers = _all_layers(model)
+    consumers = _consumers(model, layers)
+    out: dict[int, str | None] = {}
+    for layer in layers:
+        own = None if _is_activation_layer(layer) else _activation_of(layer)
+        out[id(layer)] = own if own is not None else _following_activation(layer, consumers)
+    return out
+
+
+def layer_table(model: Any, variables: list[Any]) -> tuple[list[LayerInfo], list[torch.Tensor]]:
+    """Layers named by Keras variable path, typed by their Keras layer, with the activation applied
+    to its output (its own, or a separate ``Activation`` layer's)."""
+    owner = _owners(model)
+    acts = _effective_activations(model)
     layers, params = [], []
     for v in variables:
         layer = owner.get(id(v))
-        act = getattr(getattr(layer, "activation", None), "__name__", None)
         p = v.value
         layers.append(LayerInfo(
             name=v.path, shape=tuple(p.shape), numel=p.numel(),
             module_type=type(layer).__name__ if layer is not None else "?",
-            activation=_ACTIVATIONS.get(act or ""), dtype=str(p.dtype).replace("torch.", ""), trainable=v.trainable,
+            activation=acts.get(id(layer)) if layer is not None else None,
+            dtype=str(p.dtype).replace("torch.", ""), trainable=v.trainable,
         ))
         params.append(p)
     return layers, params
+
+
+def tap_targets(model: Any, variables: list[Any]) -> list[TapTarget]:
+    """The Keras layers whose outputs the activation tap reads: every layer with a watched kernel
+    and units or filters (Dense, Conv). Their output is after their own activation when they have
+    one (read in the activation's output space), else the pre-activation of the layer after them."""
+    index = {id(v): i for i, v in enumerate(variables)}
+    acts = _effective_activations(model)
+    targets = []
+    for layer in _all_layers(model):
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None or id(kernel) not in index or not isinstance(layer, torch.nn.Module):
+            continue
+        if not (hasattr(layer, "units") or hasattr(layer, "filters")):
+            continue
+        own = _activation_of(layer)
+        axis = 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
+        targets.append(TapTarget(layer, index[id(kernel)], acts.get(id(layer)), "post" if own else "pre", axis))
+    return targets
 
 
 def find_keras_model(variables: list[Any]) -> Any:
@@ -126,7 +245,9 @@ class KerasAttachment:
         self.optimizer = optimizer
         self.view = _view_class(optimizer)(optimizer, variables)
         module = model if isinstance(model, torch.nn.Module) else None
-        self.att = watch.add_optimizer(self.view, module, hooks=False, layer_table=layer_table(model, variables))
+        self.att = watch.add_optimizer(self.view, module, hooks=False, layer_table=layer_table(model, variables),
+                                       tap_targets=tap_targets(model, variables) if module is not None else None,
+                                       loss=loss_name(model))
         self._clip = any(getattr(optimizer, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
         self._loss: torch.Tensor | None = None
         self._model: Any = None

@@ -27,7 +27,7 @@ from .errors import GradwatchError
 from .guards.base import GuardStop
 from .objects import live_instances
 from .treatment import TreatmentRefused
-from .watch import Watch, default_out
+from .watch import Watch, default_out, loss_node
 
 
 def find_owner_module(params: Sequence[torch.Tensor]) -> nn.Module | None:
@@ -83,7 +83,7 @@ class _LossCapture:
 
     def _take(self, t: Any) -> None:
         if isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point():
-            self._watch.stage_loss(t.detach())
+            self._watch.stage_loss(t.detach(), loss_node(t))
 
     def __enter__(self) -> "_LossCapture":
         orig_t, orig_a, take = self._orig_tensor_backward, self._orig_autograd_backward, self._take

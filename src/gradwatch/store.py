@@ -72,6 +72,7 @@ LAYER_METRICS: tuple[str, ...] = (
     "update_ratio",
     "act_dead_frac",
     "act_sat_frac",
+    "act_const_frac",
 )
 
 #: Gradient histograms have fixed log2 bins, read straight from the float32 exponent: bin k (for

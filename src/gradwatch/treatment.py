@@ -33,6 +33,9 @@ NEEDS_CODE = {
     "scale_targets": "standardise the targets in the script (e.g. sklearn's StandardScaler)",
     "check_data": "look for NaN/Inf in the input data",
     "reduce_depth": "remove layers from the model definition",
+    "scale_inputs": "standardise the input features in the script (e.g. sklearn's StandardScaler)",
+    "change_output": "change the output layer's activation (or units) in the model definition",
+    "change_loss": "change the loss in the script (e.g. from_logits=True, or a loss that matches the output)",
     "set_dtype": "autocast to bfloat16 instead of float16 (torch.autocast(..., dtype=torch.bfloat16), no GradScaler)",
 }
 

@@ -40,6 +40,13 @@ ONLINE_EVERY_WINDOW_UNTIL = 20
 REPORT_BY_DEFAULT = os.environ.get("GRADWATCH_REPORT", "1") != "0"
 
 
+def loss_node(loss: Any) -> str | None:
+    """The autograd node that produced a loss tensor (``MseLossBackward0``, ``NllLossBackward0``):
+    names the loss function for the diagnosis. A Python attribute: no device read."""
+    node = getattr(loss, "grad_fn", None) if isinstance(loss, torch.Tensor) else None
+    return type(node).__name__ if node is not None else None
+
+
 def default_out(name: str = "run") -> Path:
     """``gradwatch-runs/NAME-YYYYmmdd-HHMMSS`` (with a suffix if that exists already)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -76,6 +83,10 @@ class _Attached:
         self.handles: list[Any] = []
         self.failed = False
         self.store_failed: str | None = None  # why the run could not be written (data parallel only)
+        #: Facts about the model written into the stream's meta.json entry once known (the order in
+        #: which the layers ran, the loss function), so diagnosis can read them from the stored run.
+        self.model_facts: dict[str, Any] = {}
+        self.facts_written: dict[str, Any] = {}
 
 
 class _NullStream:
@@ -213,6 +224,7 @@ class Watch:
         self._attached: dict[int, _Attached] = {}
         self._last: _Attached | None = None
         self._staged_loss: torch.Tensor | None = None
+        self._staged_loss_fn: str | None = None
         self.diagnose_online = diagnose_online
         self.report = REPORT_BY_DEFAULT if report is None else report
         self._print_summary = not _lazy  # the CLI prints a fuller one for `gradwatch run`
@@ -274,12 +286,17 @@ class Watch:
         hooks: bool = True,
         label: str | None = None,
         layer_table: tuple[list[LayerInfo], list[torch.Tensor]] | None = None,
+        tap_targets: Sequence[Any] | None = None,
+        loss: str | None = None,
     ) -> _Attached:
         """Start a stream for ``optimizer``; with ``hooks``, register its step hooks.
 
         ``label`` names the stream (e.g. the model's variable name); it prefixes layer names only
         when two streams would otherwise share a name. ``layer_table`` (layers, parameters) replaces
-        the one built from module paths (Keras names its variables itself).
+        the one built from module paths (Keras names its variables itself). ``tap_targets``
+        (:class:`~gradwatch.probe.torch.TapTarget`) replaces the Linear/Conv modules whose outputs the
+        activation tap reads; ``loss`` names the loss function when the framework knows it (else it
+        is read from the logged loss tensor's autograd node).
         """
         if self._closed:
             raise GradwatchError("this watch is closed; start a new gradwatch.watch(...) to record again.")
@@ -317,7 +334,10 @@ class Watch:
             stream_info["guards"] = [g.describe() for g in self._guards]
             writer.update_meta()
         att = _Attached(optimizer, stream)
-        att.probe = TorchProbe(params, layers, self.config, lambda chunk: self._on_window(att, chunk), model=model)
+        att.probe = TorchProbe(params, layers, self.config, lambda chunk: self._on_window(att, chunk), model=model,
+                               tap_targets=tap_targets)
+        if loss is not None:
+            att.model_facts["loss"] = loss
         att.probe.reduce_ranks = self.reduce_ranks
         if self._guards:
             # The first optimizer uses the guard objects given (so their counters can be read back).
@@ -371,6 +391,7 @@ class Watch:
     def _probe_step(self, att: _Attached) -> None:
         """Queue this step's statistics, with the loss the runner captured for it."""
         if self._staged_loss is not None:
+            self._note_loss(att, self._staged_loss_fn)
             att.probe.stage_loss(self._staged_loss)
             self._staged_loss = None
         att.probe.on_before_optimizer_step(_current_lr(att.optimizer))
@@ -446,6 +467,7 @@ class Watch:
                 att.store_failed = f"{type(e).__name__}: {e}"
                 print(f"gradwatch: could not write {self.out} ({att.store_failed}); recording stops here, "
                       "guards go on.", file=sys.stderr)
+        self._record_model_facts(att)
         if att.guards is not None:
             att.guards.on_window(chunk)
         for listener in self.window_listeners:
@@ -459,6 +481,30 @@ class Watch:
         # Quiet watches announce nothing, so they skip it; the final diagnosis runs either way.
         if self.diagnose_online and not self.quiet and self.writes and (w <= ONLINE_EVERY_WINDOW_UNTIL or w & (w - 1) == 0):
             self._diagnose_online()
+
+    def _record_model_facts(self, att: _Attached) -> None:
+        """Host-side facts the diagnosis reads (execution order, loss function) into meta.json,
+        when they change; nothing here touches the device."""
+        facts = dict(att.model_facts)
+        order = att.probe.execution_order
+        if order:
+            ids = self._writer.streams[att.stream.index]["layers"]  # type: ignore[union-attr]
+            facts["execution_order"] = [ids[i] for i in order]
+        if facts == att.facts_written or not self.writes:
+            return
+        try:
+            self._writer.streams[att.stream.index].update(facts)  # type: ignore[union-attr]
+            self._writer.update_meta()  # type: ignore[union-attr]
+            att.facts_written = facts
+        except Exception as e:  # a fact is not worth a run: say so, record on
+            print(f"gradwatch: could not record the model's layer order ({type(e).__name__}: {e}).", file=sys.stderr)
+            att.facts_written = facts
+
+    @staticmethod
+    def _note_loss(att: _Attached | None, name: str | None) -> None:
+        """Remember the loss function's name for the stream (the first one seen wins)."""
+        if att is not None and name and "loss" not in att.model_facts:
+            att.model_facts["loss"] = name
 
     def _diagnose_online(self) -> None:
         from .diagnose import diagnose
@@ -496,11 +542,14 @@ class Watch:
             raise GradwatchError(f"log(loss=...) takes a scalar; got a tensor of shape {tuple(loss.shape)}.")
         att = self._last or next(iter(self._attached.values()), None)
         if att is not None:
+            self._note_loss(att, loss_node(loss))
             att.probe.log_loss(loss)
 
-    def stage_loss(self, loss: torch.Tensor) -> None:
-        """The runner's loss capture: the loss belongs to the next optimizer step, whichever steps."""
+    def stage_loss(self, loss: torch.Tensor, loss_fn: str | None = None) -> None:
+        """The runner's loss capture: the loss belongs to the next optimizer step, whichever steps.
+        ``loss_fn`` names the function that made it (see :func:`loss_node`)."""
         self._staged_loss = loss
+        self._staged_loss_fn = loss_fn
 
     def flush(self) -> None:
         """Write every buffered step to the run directory now (one device->host copy per stream).

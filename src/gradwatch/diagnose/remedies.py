@@ -117,13 +117,50 @@ def for_stalled() -> list[Remedy]:
     ]
 
 
-def for_saturation(acts: list[str]) -> list[Remedy]:
+_SCALE_INPUTS = Remedy("scale_inputs", {"method": "standardize"},
+                       "large inputs push the first layer's pre-activations into the flat tails; standardise each feature "
+                       "(e.g. sklearn's StandardScaler).")
+
+
+def for_saturation(acts: list[str], first_layer: bool = False) -> list[Remedy]:
+    """Saturated hidden layers. When the first layer is the saturated one, its input is the usual
+    cause (features in the thousands): scaling them comes first."""
     src = acts[0] if acts else "Sigmoid"
-    return [
+    ranked = [
         Remedy("swap_activation", {"from": src, "to": "ReLU", "init": "he_uniform"},
                f"{src} is flat beyond its 0.99 point, so its derivative there is ~0; ReLU does not saturate for x > 0 (seeds 000, 002)."),
         Remedy("reinit", {"scheme": "glorot_uniform"},
                "Glorot initialisation keeps pre-activations in the linear range of sigmoid/tanh (seeds 002, 004)."),
         Remedy("insert_norm", {"kind": "batch"}, "BatchNorm re-centres and rescales pre-activations every step (seed 002)."),
-        Remedy("scale_inputs", {"method": "standardize"}, "large inputs push the first layer's pre-activations into the tails."),
+        _SCALE_INPUTS,
     ]
+    return [_SCALE_INPUTS] + ranked[:-1] if first_layer else ranked
+
+
+def for_no_gradient(head: Any) -> list[Remedy]:
+    """No gradient anywhere: what usually zeroes it, after the remedy for the cause found."""
+    out = []
+    if head is not None and head.activation in ("Sigmoid", "Tanh", "Softmax", "Hardsigmoid"):
+        out.append(_SCALE_INPUTS)
+    out.append(Remedy("reinit", {"scheme": "glorot_uniform"},
+                      "weights initialised too large pin the output where its activation is flat."))
+    return out
+
+
+def for_output(head: Any, mismatch: Any) -> list[Remedy]:
+    """The output layer: the remedy for the cause first (the output/loss pair), then the usual."""
+    out: list[Remedy] = []
+    if mismatch is not None:
+        out.append(Remedy(*mismatch.remedy))
+    if head.family == "regression":
+        out.append(Remedy("scale_targets", {"method": "standardize"},
+                          "standardised targets sit where any output activation can reach them and keep the loss's "
+                          "gradients of order 1 (seed 001)."))
+        if not any(r.action == "change_output" for r in out) and head.activation is not None:
+            out.append(Remedy("change_output", {"activation": "linear"}, "a regression output is usually linear."))
+    else:
+        out.append(_SCALE_INPUTS)
+        out.append(Remedy("reinit", {"scheme": "glorot_uniform"},
+                          "large initial weights give logits in the hundreds, which saturate the output."))
+    out.append(Remedy("scale_lr", {"factor": 0.1}, "a too-large step can push the output into its flat range."))
+    return out

@@ -10,14 +10,16 @@ Each threshold is a named constant with the reason it has that value.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from ..store import LayerInfo
 from . import remedies as R
-from .finding import Finding
+from .facts import (
+    EXCLUDED_FROM_FLOW, SATURATING, Head, RunLike, early, first_stream, fmt, head, head_layers, last_part, nanmedian,
+    output_mismatch, progress, sibling, weight_layers,
+)
+from .finding import Finding, Remedy
 
 # ---------------------------------------------------------------------------------- thresholds
 
@@ -27,14 +29,32 @@ VANISH_REL = 1e-2
 #: With saturating activations (sigmoid, tanh) in the path the bar is lower: seed 000 calls its
 #: 3-hidden-layer sigmoid net vanishing at ~5% of the output layer's gradient.
 VANISH_REL_SATURATING = 0.1
+#: ... and the input-side layer itself must get less than this share of the output layer's: a
+#: profile whose input gets its full share (the real-code case: 1.21x, with 0.085x in one middle
+#: layer) has a dip, not a gradient that vanishes toward the input. Seed 000's sigmoid net, which
+#: the seed calls vanishing, has its input at 0.24x and its second layer at 0.085x.
+VANISH_INPUT_MAX = 0.5
 #: ... and below this it is an error: three orders of magnitude, nothing reaches the input side.
 VANISH_REL_ERROR = 1e-3
-#: Steps that make the "early" window in which vanishing and dead units must be caught.
-EARLY_STEPS = 100
 #: Explosion: the global gradient norm exceeds its own early median by this factor.
 EXPLODE_FACTOR = 100.0
 #: Steps whose median is the explosion baseline (the first ones with a finite norm).
 BASELINE_STEPS = 10
+#: Slow divergence (a learning rate that keeps growing, a feedback loop): the norm's medians over
+#: RISE_BLOCKS consecutive blocks of RISE_WINDOW / RISE_BLOCKS steps each grow by RISE_BLOCK_FACTOR
+#: (1.5x per 10 steps: ~4% per step, sustained for 30 steps), from a level of RISE_MIN_LEVEL x the
+#: early median, while the loss improves by less than RISE_LOSS_IMPROVEMENT. Measured in
+#: docs/diagnosis.md: the lr-growing runs are flagged 25+ steps before their first NaN; warm-up,
+#: cosine restarts and noisy batches rise by at most ~1.2x per block.
+RISE_WINDOW = 30
+RISE_BLOCKS = 3
+RISE_BLOCK_FACTOR = 1.5
+RISE_MIN_LEVEL = 2.0
+RISE_HISTORY = 100
+#: ... and a straight line fits the log of the norm over the window this well (R^2): a steady
+#: exponential climb, not one jump or a spike at its end.
+RISE_R2 = 0.6
+RISE_LOSS_IMPROVEMENT = 0.1
 #: Update ratio ‖Δw‖/‖w‖ above which a step rewrites a layer wholesale (rule of thumb is ~1e-3).
 UPDATE_RATIO_EXPLODE = 1.0
 #: ... counted only if the gradient norm also grew this much (or turned non-finite).
@@ -62,79 +82,29 @@ SPIKE_WARMUP = 20
 #: one, the finding is info, not a warning: training itself is stable.
 SPIKE_RECOVER = 10
 #: Stalled: over at least this many steps, the loss improved by less than this fraction and
-#: the updates are tiny (median update ratio below STALL_UPDATE).
-STALL_MIN_STEPS = 200
+#: the updates are tiny (median update ratio below STALL_UPDATE; a healthy step is ~1e-3 of |w|).
+#: Twenty steps hold a verdict: real runs are often that short (full batch, few epochs), and a
+#: loss flat to 1% while the weights move by 1e-5 per step is flat however long one waits.
+STALL_MIN_STEPS = 20
 STALL_IMPROVEMENT = 0.01
 STALL_UPDATE = 1e-5
+#: No gradient: the share of the early steps whose gradients are all exactly zero, from step 0.
+NO_GRADIENT_SHARE = 0.9
+#: Dead units are an error when this share of a layer's units never fires.
+DEAD_ERROR = 0.9
+#: A saturating layer whose kernel gradient is exactly zero for this share of its entries is
+#: saturated to float precision (tanh(x) == 1.0 in float32 for x > 9.01).
+SAT_ZERO_GRAD = 0.9
+#: The output layer is constant when this share of its units gives every sample one value.
+OUTPUT_CONSTANT = 0.9
+#: An output problem is an error when the loss improved by less than this over the run.
+OUTPUT_STUCK_IMPROVEMENT = 0.1
 
 _MAD_TO_SIGMA = 1.4826  # for normal data, sigma = 1.4826 * MAD
-
-_EXCLUDED_FROM_FLOW = ("Embedding", "EmbeddingBag")
-_SATURATING = ("Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid")  # sparse rows: their RMS is not comparable
-
-
-class RunLike(Protocol):
-    layers: list[LayerInfo]
-    steps: np.ndarray
-
-    def step_series(self, name: str) -> np.ndarray: ...
-
-    def layer_series(self, name: str) -> np.ndarray: ...
-
-
-def _nanmedian(x: np.ndarray, axis: int | None = None) -> np.ndarray | float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: not computed there
-        return np.nanmedian(x, axis=axis)
-
 
 def _first(mask: np.ndarray) -> int | None:
     idx = np.flatnonzero(mask)
     return int(idx[0]) if idx.size else None
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """``("encoder.0", "weight")`` from ``encoder.0.weight``; Keras paths split at "/"
-    (``sequential/dense/kernel``)."""
-    cut = max(name.rfind("."), name.rfind("/"))
-    return (name[:cut], name[cut:]) if cut >= 0 else ("", name)
-
-
-def _last(name: str) -> str:
-    return _split_name(name)[1].lstrip("./")
-
-
-def _sibling(name: str, last: str) -> str:
-    prefix, tail = _split_name(name)
-    return f"{prefix}{tail[:1]}{last}" if prefix else last
-
-
-def weight_layers(run: RunLike) -> list[int]:
-    """Weight matrices and kernels (``*.weight``, ``weight_ih_l0``, Keras ``*/kernel``...): what
-    carries the gradient flow. Embedding tables and free parameters (positional tables, scales)
-    are left out."""
-    return [
-        i for i, l in enumerate(run.layers)
-        if len(l.shape) >= 2 and l.trainable and l.module_type not in _EXCLUDED_FROM_FLOW and l.numel > 0
-        and ("weight" in _last(l.name) or "kernel" in _last(l.name))
-    ]
-
-
-def _output_layers(run: RunLike) -> set[str]:
-    """Each optimizer's last weight layer and its bias: the head, whose units are not activations."""
-    out: set[str] = set()
-    for ids in _streams(run):
-        name = run.layers[ids[-1]].name
-        out |= {name, _sibling(name, "bias")}
-    return out
-
-
-def _streams(run: RunLike) -> list[list[int]]:
-    """Weight-layer indices per optimizer stream, in model order."""
-    by: dict[int, list[int]] = {}
-    for i in weight_layers(run):
-        by.setdefault(run.layers[i].stream, []).append(i)
-    return [ids for _, ids in sorted(by.items())]
 
 
 # ---------------------------------------------------------------------------------- nonfinite
@@ -242,13 +212,15 @@ def exploding(run: RunLike) -> Finding | None:
     # them as an explosion only when the gradients also grew or went non-finite.
     if upd_row is not None and first_bad is None and not _grew(gnorm, UPDATE_GATE_GROWTH):
         upd_row = None
-    if row is None and upd_row is None:
+    loss = run.step_series("loss").astype(np.float64)
+    rise = sustained_rise(gnorm[:horizon], loss[:horizon])
+    if row is None and upd_row is None and rise is None:
         # A jump straight from normal to non-finite with growth on the way is an explosion too.
         if first_bad is not None and _grew_into_nonfinite(gnorm, first_bad):
             row = first_bad
         else:
             return None
-    rows = [r for r in (row, upd_row) if r is not None]
+    rows = [r for r in (row, upd_row, rise) if r is not None]
     at = min(rows)
     peak = float(np.nanmax(np.where(np.isfinite(gnorm[: max(horizon, 1)]), gnorm[: max(horizon, 1)], np.nan))) if horizon else math.nan
     layer_rms = run.layer_series("grad_rms")
@@ -258,13 +230,22 @@ def exploding(run: RunLike) -> Finding | None:
     step = int(steps[at])
     summary = (
         f"exploding_gradients at step {step}: the global gradient norm reached "
-        f"{_f(peak)}, {_f(peak / base) if base > 0 else '?'}x its early median {_f(base)} (threshold {EXPLODE_FACTOR:g}x)"
+        f"{fmt(peak)}, {fmt(peak / base) if base > 0 else '?'}x its early median {fmt(base)} (threshold {EXPLODE_FACTOR:g}x)"
         + (f"; it turned non-finite at step {int(steps[first_bad])}" if first_bad is not None else "")
         + "."
     )
-    if upd_row is not None and (row is None or upd_row < row):
+    if upd_row is not None and (row is None or upd_row < row) and at == upd_row:
         summary = (f"exploding_gradients at step {step}: one update changed a layer by more than "
                    f"{UPDATE_RATIO_EXPLODE:g}x its own norm (|dw|/|w|; a healthy step is ~1e-3).")
+    if rise is not None and at == rise and rise != row:
+        lo = max(0, rise - RISE_WINDOW + 1)
+        per_step = (gnorm[rise] / gnorm[lo]) ** (1 / max(1, rise - lo)) - 1 if gnorm[lo] > 0 else math.nan
+        summary = (f"exploding_gradients at step {step}: the global gradient norm has been rising exponentially "
+                   f"(about {per_step:+.1%} per step over the last {rise - lo + 1} steps, from {fmt(gnorm[lo])} to "
+                   f"{fmt(gnorm[rise])}) while the loss did not improve: a slow divergence"
+                   + (f"; it turned non-finite at step {int(steps[first_bad])}" if first_bad is not None else "")
+                   + (f" and passed {EXPLODE_FACTOR:g}x its early median at step {int(steps[row])}" if row is not None else "")
+                   + ".")
     return Finding(
         kind="exploding_gradients",
         severity=severity,
@@ -279,9 +260,58 @@ def exploding(run: RunLike) -> Finding | None:
             "threshold_factor": EXPLODE_FACTOR,
             "first_nonfinite_step": int(steps[first_bad]) if first_bad is not None else None,
             "max_update_ratio": float(np.nanmax(upd)) if np.isfinite(upd).any() else None,
+            "sustained_rise_step": int(steps[rise]) if rise is not None else None,
+            "threshold_crossing_step": int(steps[row]) if row is not None else None,
+            "steps_seen": len(steps),
         },
         remedies=R.for_exploding(run),
     )
+
+
+def sustained_rise(gnorm: np.ndarray, loss: np.ndarray) -> int | None:
+    """The first step at which the gradient norm has been rising exponentially for RISE_WINDOW
+    steps: each of its RISE_BLOCKS consecutive blocks has a median at least RISE_BLOCK_FACTOR
+    times the one before, the last block stands at RISE_MIN_LEVEL x the norm's median over the
+    RISE_HISTORY steps before the window (a return to the usual level after a dip is no rise), and
+    the loss did not improve over the window. Medians of blocks make single noisy batches harmless;
+    requiring every block to rise, and a straight line to fit the log-norm, rules out one jump (a
+    schedule restart, a transient spike) and a slow drift (warm-up). Decided causally: only steps up to the one flagged are read."""
+    n = gnorm.size
+    if n < RISE_WINDOW:
+        return None
+    size = RISE_WINDOW // RISE_BLOCKS
+    g = np.where(np.isfinite(gnorm) & (gnorm > 0), gnorm, np.nan)
+    med = np.asarray(nanmedian(np.lib.stride_tricks.sliding_window_view(g, size), axis=1), dtype=np.float64)
+    starts = np.arange(0, n - RISE_WINDOW + 1)  # window [s, s + RISE_WINDOW)
+    rising = np.ones(starts.size, bool)
+    for b in range(1, RISE_BLOCKS):
+        with np.errstate(invalid="ignore"):
+            rising &= med[starts + b * size] >= RISE_BLOCK_FACTOR * med[starts + (b - 1) * size]
+    last = med[starts + (RISE_BLOCKS - 1) * size]
+    for k in np.flatnonzero(rising):
+        st = int(starts[k])
+        before = g[max(0, st - RISE_HISTORY) : st]
+        before = before[np.isfinite(before)]
+        level = float(np.median(before)) if before.size >= size else float(med[st])
+        if not last[k] >= RISE_MIN_LEVEL * level:
+            continue
+        y = np.log(g[st : st + RISE_WINDOW])
+        ok = np.isfinite(y)
+        if ok.sum() < RISE_WINDOW // 2:
+            continue
+        x = np.arange(RISE_WINDOW)[ok]
+        fit = np.polyfit(x, y[ok], 1)
+        resid = y[ok] - np.polyval(fit, x)
+        total = float(np.sum((y[ok] - y[ok].mean()) ** 2))
+        if total <= 0 or 1 - float(np.sum(resid**2)) / total < RISE_R2:
+            continue  # a jump or a spike at the end, not a steady exponential climb
+        first_loss = loss[st : st + size]
+        last_loss = loss[st + RISE_WINDOW - size : st + RISE_WINDOW]
+        first_loss, last_loss = first_loss[np.isfinite(first_loss)], last_loss[np.isfinite(last_loss)]
+        if first_loss.size and last_loss.size and np.median(last_loss) < (1 - RISE_LOSS_IMPROVEMENT) * np.median(first_loss):
+            continue  # the loss is falling with it: learning, not diverging
+        return st + RISE_WINDOW - 1
+    return None
 
 
 def _grew(gnorm: np.ndarray, factor: float) -> bool:
@@ -299,7 +329,7 @@ def _grew_into_nonfinite(gnorm: np.ndarray, first_bad: int) -> bool:
 def _layer_growth(rms: np.ndarray) -> np.ndarray:
     if rms.shape[0] == 0:
         return np.full(rms.shape[1], np.nan)
-    start = _nanmedian(rms[: max(1, min(BASELINE_STEPS, rms.shape[0]))], axis=0)
+    start = nanmedian(rms[: max(1, min(BASELINE_STEPS, rms.shape[0]))], axis=0)
     with np.errstate(all="ignore"):
         return np.nanmax(np.where(np.isfinite(rms), rms, np.nan), axis=0) / start
 
@@ -308,71 +338,184 @@ def _layer_growth(rms: np.ndarray) -> np.ndarray:
 
 
 def flow_profile(run: RunLike, rows: slice) -> tuple[list[int], np.ndarray]:
-    """Weight layers of the first stream in model order, and their median grad RMS over ``rows``
-    relative to the last of them."""
-    streams = _streams(run)
-    if not streams:
+    """Weight layers of the first stream in the order they ran (input side first), and their median
+    grad RMS over ``rows`` relative to the last of them (the output layer)."""
+    ids = first_stream(run)
+    if not ids:
         return [], np.zeros(0)
-    ids = streams[0]
     rms = run.layer_series("grad_rms")[rows][:, ids]
-    med = np.asarray(_nanmedian(np.where(np.isfinite(rms), rms, np.nan), axis=0), dtype=np.float64)
+    med = np.asarray(nanmedian(np.where(np.isfinite(rms), rms, np.nan), axis=0), dtype=np.float64)
     with np.errstate(all="ignore"):
         rel = med / med[-1]
     return ids, rel
 
 
+def _no_gradient_rows(run: RunLike) -> np.ndarray:
+    """Steps whose gradients are all exactly zero (finite global norm of 0)."""
+    g = run.step_series("grad_norm").astype(np.float64)
+    return np.isfinite(g) & (g == 0)
+
+
+def no_gradient(run: RunLike) -> Finding | None:
+    """Every gradient of every layer exactly zero from the first step: nothing can learn. The
+    cause is named from the output layer and the loss (a softmax over one unit, an output pinned
+    where the activation or the loss's clipping is flat), since a zero everywhere starts there."""
+    n = len(run.steps)
+    if n < 1:
+        return None
+    zero = _no_gradient_rows(run)
+    window = zero[early(run)]
+    g = run.step_series("grad_norm")[early(run)]
+    known = np.isfinite(g)
+    if not zero[0] or known.sum() < 1 or window[known].mean() < NO_GRADIENT_SHARE:
+        return None
+    h = head(run)
+    cause, sentence, first_fix = _zero_gradient_cause(run, h)
+    steps_zero = int(zero.sum())
+    prog = progress(run)
+    evidence: dict = {
+        "cause": cause,
+        "zero_gradient_steps": steps_zero,
+        "steps_seen": n,
+        "loss_first": prog.first if prog else None,
+        "loss_last": prog.last if prog else None,
+    }
+    if h is not None:
+        evidence.update(output_layer=h.name, output_activation=h.activation or "linear", output_units=h.units,
+                        loss=h.loss, output_saturated_fraction=h.saturated, output_dead_fraction=h.dead,
+                        output_constant_fraction=h.constant)
+    remedies = ([first_fix] if first_fix is not None else []) + [r for r in R.for_no_gradient(h) if first_fix is None or r.action != first_fix.action]
+    return Finding(
+        kind="vanishing_gradients",
+        severity="error",
+        first_step=int(run.steps[0]),
+        last_step=int(run.steps[np.flatnonzero(zero)[-1]]),
+        layers=[h.name] if h is not None else [],
+        summary=(f"vanishing_gradients from step {int(run.steps[0])}: every gradient of every layer is exactly zero "
+                 f"({steps_zero} of {n} steps): {sentence}."),
+        evidence=evidence,
+        remedies=remedies,
+    )
+
+
+def _zero_gradient_cause(run: RunLike, h: Head | None) -> tuple[str, str, Remedy | None]:
+    """(cause, sentence, remedy that fixes it) for a run without any gradient."""
+    if h is None:
+        return "unknown", "the loss does not depend on the trained weights", None
+    mismatch = output_mismatch(h)
+    if mismatch is not None:
+        return mismatch.cause, mismatch.sentence, Remedy(*mismatch.remedy)
+    act = h.activation or "linear"
+    if math.isfinite(h.saturated) and h.saturated >= SAT_FRACTION:
+        return ("output_saturated",
+                f"the output layer {h.describe()} sits where {act} is flat for {h.saturated:.0%} of its outputs",
+                Remedy("scale_inputs", {"method": "standardize"},
+                       f"inputs (or weights) that large push the output's {act} into its flat tails; standardise them."))
+    if act in ("ReLU", "ReLU6") and math.isfinite(h.dead) and h.dead >= DEAD_FRACTION:
+        return ("output_never_positive",
+                f"the output layer {h.describe()} is never positive, so its ReLU passes nothing back",
+                Remedy("change_output", {"activation": "linear"}, "a ReLU output that is never positive has no gradient; use a linear output."))
+    if math.isfinite(h.constant) and h.constant >= OUTPUT_CONSTANT:
+        return ("output_constant",
+                f"the output layer {h.describe()} gives every sample the same value",
+                None)
+    if h.family in ("binary", "categorical") and not h.logits:
+        return ("loss_clipping",
+                f"the loss ({h.loss}) clips the predictions of {h.describe()} to (0, 1) and passes nothing back where it clips",
+                Remedy("change_loss", {"from_logits": True}, "a clipped prediction has no gradient; compute the loss from logits."))
+    loss = f" ({h.loss})" if h.loss else ""
+    return ("loss_detached", f"the loss{loss} does not depend on the trained weights (detached output, or a constant loss)", None)
+
+
 def vanishing(run: RunLike) -> Finding | None:
-    """The gradient-flow profile: the input-side layers get < VANISH_REL of the last layer's RMS,
-    early in training (the first EARLY_STEPS steps), with gradients that are small but not zero."""
+    """The gradient-flow profile, in execution order: the input-side layer gets < VANISH_REL of the
+    output layer's gradient RMS early in training (the first EARLY_STEPS steps, or all of a shorter
+    run), with gradients that are small but not exactly zero. A dip in the middle of a profile whose
+    input side gets its full share is said as info: the gradient still reaches the input."""
     n = len(run.steps)
     if n < 2:
         return None
-    early = slice(0, min(EARLY_STEPS, n))
-    ids, rel = flow_profile(run, early)
+    if _no_gradient_rows(run)[0]:
+        return None  # no gradient at all: no_gradient() says why
+    window = early(run)
+    ids, rel = flow_profile(run, window)
     if len(ids) < 2 or not np.isfinite(rel[:-1]).any():
         return None
-    acts = [run.layers[i].activation for i in ids if run.layers[i].activation]
-    saturating = [a for a in acts if a in _SATURATING]
+    out = ids[-1]
+    # Saturating activations in the hidden path lower the bar; the output's own sigmoid or softmax
+    # is how it makes probabilities, not a layer the gradient must cross.
+    saturating = [run.layers[i].activation for i in ids[:-1] if run.layers[i].activation in SATURATING]
     threshold = VANISH_REL_SATURATING if saturating else VANISH_REL
-    starved = [i for i, r in zip(ids[:-1], rel[:-1]) if math.isfinite(r) and r < threshold]
+    # Gradients that are exactly zero are dead or fully saturated units, not vanishing ones.
+    zero = np.atleast_1d(np.asarray(nanmedian(run.layer_series("grad_zero_frac")[window][:, ids], axis=0), dtype=np.float64))
+    exact_zero = {i for i, z in zip(ids, zero) if math.isfinite(z) and z > 0.9}
+    starved = [(i, float(r)) for i, r in zip(ids[:-1], rel[:-1]) if math.isfinite(r) and r < threshold and i not in exact_zero]
     if not starved:
         return None
-    # Gradients that are exactly zero are dead units, not vanishing ones.
-    zero = _nanmedian(run.layer_series("grad_zero_frac")[early][:, starved], axis=0)
-    starved = [i for i, z in zip(starved, np.atleast_1d(zero)) if not (math.isfinite(z) and z > 0.9)]
-    if not starved:
+    first = next((i for i in ids[:-1] if i not in exact_zero and math.isfinite(rel[ids.index(i)])), None)
+    if first is None:
         return None
-    first = ids[0]
-    worst = float(np.nanmin(rel[:-1]))
-    severity = "error" if worst < VANISH_REL_ERROR else "warning"
-    ref = run.layers[ids[-1]].name
-    detail = f"; {len(saturating)} layers use {'/'.join(sorted(set(saturating)))}" if saturating else ""
-    sat = run.layer_series("act_sat_frac")[early][:, ids]
-    sat_med = np.asarray(_nanmedian(sat, axis=0), dtype=np.float64)
+    first_rel = float(rel[ids.index(first)])
+    worst_i, worst = min(starved, key=lambda t: t[1])
+    ref = run.layers[out].name
+    name = lambda i: run.layers[i].name  # noqa: E731
+    profile = {name(i): float(r) for i, r in zip(ids, rel)}
+    steps_seen = window.stop
+    evidence = {
+        "profile": profile,
+        "reference_layer": ref,
+        "input_layer": name(first),
+        "input_relative_rms": first_rel,
+        "worst_layer": name(worst_i),
+        "worst_relative_rms": worst,
+        "threshold": threshold,
+        "window_steps": [int(run.steps[0]), int(run.steps[window][-1])],
+        "steps_seen": steps_seen,
+        "saturating_activations": len(saturating),
+        "depth": len(ids),
+        "order": "execution" if _has_execution_order(run) else "layer table",
+    }
+    if first_rel >= VANISH_INPUT_MAX:
+        # The input side gets its share: a dip in the middle is not vanishing toward the input.
+        return Finding(
+            kind="vanishing_gradients",
+            severity="info",
+            first_step=int(run.steps[0]),
+            last_step=int(run.steps[window][-1]),
+            layers=[name(i) for i, _ in starved],
+            summary=(f"a dip in the gradient-flow profile, not vanishing: {name(worst_i)} gets {fmt(worst)}x the gradient RMS "
+                     f"of {ref} (threshold {threshold:g}), but the input-side layer {name(first)} gets {fmt(first_rel)}x, "
+                     f"so the gradient reaches the input (first {steps_seen} steps)."),
+            evidence={**evidence, "harmless": f"the input-side layer gets {fmt(first_rel)}x the output layer's gradient RMS "
+                                              f"(at least {VANISH_INPUT_MAX:g}x)"},
+            remedies=[],
+        )
+    detail = f"; {len(saturating)} hidden layers use {'/'.join(sorted(set(saturating)))}" if saturating else ""
+    sat = run.layer_series("act_sat_frac")[window][:, ids[:-1]]
+    sat_med = np.asarray(nanmedian(sat, axis=0), dtype=np.float64)
     mean_sat = float(np.nanmean(sat_med)) if np.isfinite(sat_med).any() else math.nan
     if math.isfinite(mean_sat) and mean_sat >= 0.05:  # below that, saturation is not the story
         detail += f", {mean_sat:.0%} of their pre-activations saturated"
+    if worst_i == first:
+        said = f"the input-side layer {name(first)} gets {fmt(first_rel)}x the gradient RMS of the output layer {ref} (threshold {threshold:g})"
+    else:
+        said = (f"{name(worst_i)} gets {fmt(worst)}x the gradient RMS of the output layer {ref} (threshold {threshold:g}), "
+                f"and the input-side layer {name(first)} {fmt(first_rel)}x")
+    evidence["mean_saturated_fraction"] = mean_sat
     return Finding(
         kind="vanishing_gradients",
-        severity=severity,
+        severity="error" if worst < VANISH_REL_ERROR else "warning",
         first_step=int(run.steps[0]),
-        last_step=int(run.steps[early][-1]),
-        layers=[run.layers[i].name for i in starved],
-        summary=(
-            f"vanishing_gradients in the first {early.stop} steps: layer {run.layers[first].name} gets "
-            f"{_f(float(rel[0]))}x the gradient RMS of {ref} (threshold {threshold:g}){detail}."
-        ),
-        evidence={
-            "profile": {run.layers[i].name: float(r) for i, r in zip(ids, rel)},
-            "reference_layer": ref,
-            "threshold": threshold,
-            "window_steps": [int(run.steps[0]), int(run.steps[early][-1])],
-            "saturating_activations": len(saturating),
-            "mean_saturated_fraction": mean_sat,
-            "depth": len(ids),
-        },
+        last_step=int(run.steps[window][-1]),
+        layers=[name(i) for i, _ in starved],
+        summary=f"vanishing_gradients in the first {steps_seen} steps: {said}{detail}.",
+        evidence=evidence,
         remedies=R.for_vanishing(run, saturating),
     )
+
+
+def _has_execution_order(run: RunLike) -> bool:
+    return any(s.get("execution_order") for s in (getattr(run, "streams", None) or []) if isinstance(s, dict))
 
 
 # ---------------------------------------------------------------------------------- dead units
@@ -385,30 +528,30 @@ def dead_units(run: RunLike) -> Finding | None:
     Read from the zero fraction of each layer's bias gradient (a ReLU unit that never fires gets a
     zero bias gradient), or of its weight gradient when it has no bias.
     """
-    if len(run.steps) < 2:
-        return None
+    if len(run.steps) < 2 or _no_gradient_rows(run)[0]:
+        return None  # no gradient anywhere: no_gradient() says why, and the units are not the cause
     zero = run.layer_series("grad_zero_frac")
     act_dead = run.layer_series("act_dead_frac")
-    head = _output_layers(run)
+    heads = head_layers(run)
     dead: dict[str, tuple[float, int]] = {}
     for i, layer in enumerate(run.layers):
-        if not layer.trainable or layer.module_type in _EXCLUDED_FROM_FLOW or layer.numel < 2 or layer.name in head:
+        if not layer.trainable or layer.module_type in EXCLUDED_FROM_FLOW or layer.numel < 2 or layer.name in heads:
             continue
         if layer.activation not in _RELU_LIKE:
             continue
         # Two witnesses: units whose pre-activation is never positive (forward hooks), and exact
         # zeros in the bias gradient (or weight gradient without a bias), which say per unit.
         candidates = [_sustained(act_dead[:, i], DEAD_FRACTION)]
-        has_bias = any(l.name == _sibling(layer.name, "bias") for l in run.layers)
+        has_bias = any(l.name == sibling(layer.name, "bias") for l in run.layers)
         if not (len(layer.shape) >= 2 and has_bias):
             candidates.append(_sustained(zero[:, i], DEAD_FRACTION))
         found = [c for c in candidates if c is not None]
         if found:
             frac, row = max(found, key=lambda c: c[0])
             name = layer.name
-            if _last(name) == "bias":
+            if last_part(name) == "bias":
                 names = {l.name for l in run.layers}
-                name = next((n for n in (_sibling(name, "weight"), _sibling(name, "kernel")) if n in names), name)
+                name = next((n for n in (sibling(name, "weight"), sibling(name, "kernel")) if n in names), name)
             if name not in dead or frac > dead[name][0]:
                 dead[name] = (frac, row)
     if not dead:
@@ -416,18 +559,25 @@ def dead_units(run: RunLike) -> Finding | None:
     names = sorted(dead, key=lambda k: (dead[k][1], -dead[k][0]))
     worst = max(v[0] for v in dead.values())
     first_row = min(v[1] for v in dead.values())
+    severity = "error" if worst >= DEAD_ERROR else "warning"
+    evidence = {"dead_fraction": {k: v[0] for k, v in dead.items()}, "threshold": DEAD_FRACTION,
+                "since_step": {k: int(run.steps[v[1]]) for k, v in dead.items()}, "steps_seen": len(run.steps)}
+    summary = (f"dead_units from step {int(run.steps[first_row])}: {dead[names[0]][0]:.0%} of the units of "
+               f"{names[0]} never receive a gradient again (exactly zero on every sampled step: they never activate)")
+    prog = progress(run)
+    if severity == "warning" and prog is not None and prog.training_well:
+        # Units left over carry the model: a true fact, not what is hurting this run.
+        severity = "info"
+        evidence["harmless"] = f"{prog.sentence()} with {1 - worst:.0%} or more of each layer's units active"
+        summary += f"; harmless so far: {prog.sentence()}"
     return Finding(
         kind="dead_units",
-        severity="error" if worst >= 0.9 else "warning",
+        severity=severity,
         first_step=int(run.steps[first_row]),
         last_step=int(run.steps[-1]),
         layers=names,
-        summary=(
-            f"dead_units from step {int(run.steps[first_row])}: {dead[names[0]][0]:.0%} of the units of "
-            f"{names[0]} never receive a gradient again (exactly zero on every sampled step: they never activate)."
-        ),
-        evidence={"dead_fraction": {k: v[0] for k, v in dead.items()}, "threshold": DEAD_FRACTION,
-                  "since_step": {k: int(run.steps[v[1]]) for k, v in dead.items()}},
+        summary=summary + ".",
+        evidence=evidence,
         remedies=R.for_dead_units(),
     )
 
@@ -452,32 +602,125 @@ def _sustained(col: np.ndarray, threshold: float) -> tuple[float, int] | None:
 
 
 def saturated_units(run: RunLike) -> Finding | None:
-    """Sigmoid/tanh layers whose pre-activations sit in the flat tails for most of the batch, early
-    on (forward hooks on sampled steps): their derivative is ~0 there, so gradients fade."""
+    """Hidden sigmoid/tanh layers whose pre-activations sit in the flat tails for most of the batch,
+    early on (forward hooks on sampled steps), or whose kernel gradients are exactly zero because
+    the tails are flat to float precision: their derivative is ~0 there, so gradients fade. The
+    output layer is judged by output_layer()."""
     n = len(run.steps)
     if n < 1:
         return None
-    sat = run.layer_series("act_sat_frac")[: min(EARLY_STEPS, n)]
-    med = np.asarray(_nanmedian(sat, axis=0), dtype=np.float64)
-    hit = {run.layers[i].name: float(m) for i, m in enumerate(med) if math.isfinite(m) and m >= SAT_FRACTION}
+    window = early(run)
+    heads = head_layers(run)
+    sat = np.asarray(nanmedian(run.layer_series("act_sat_frac")[window], axis=0), dtype=np.float64)
+    zero = np.asarray(nanmedian(run.layer_series("grad_zero_frac")[window], axis=0), dtype=np.float64)
+    hit: dict[str, float] = {}
+    flat: dict[str, float] = {}
+    for i in weight_layers(run):
+        layer = run.layers[i]
+        if layer.name in heads:
+            continue
+        if math.isfinite(sat[i]) and sat[i] >= SAT_FRACTION:
+            hit[layer.name] = float(sat[i])
+        elif layer.activation in SATURATING and math.isfinite(zero[i]) and zero[i] >= SAT_ZERO_GRAD:
+            hit[layer.name] = float(zero[i])  # flat to float precision: the gradient itself is zero
+            flat[layer.name] = float(zero[i])
     if not hit:
         return None
     names = sorted(hit, key=lambda k: -hit[k])
     acts = sorted({run.layers[run.layer_index(k)].activation or "?" for k in names}) if hasattr(run, "layer_index") else []
     worst = hit[names[0]]
+    how = (f"{worst:.0%} of the kernel gradient of {names[0]} is exactly zero: its "
+           f"{'/'.join(acts) or 'activation'} is flat to float precision" if names[0] in flat else
+           f"{worst:.0%} of the pre-activations of {names[0]} sit where {'/'.join(acts) or 'the activation'} is flat "
+           "(|x| beyond the 0.99 point)")
+    severity = "error" if worst >= SAT_ERROR else "warning"
+    evidence: dict = {"saturated_fraction": hit, "threshold": SAT_FRACTION, "steps_seen": window.stop}
+    if flat:
+        evidence["zero_gradient_fraction"] = flat
+    prog = progress(run)
+    summary = (f"saturated_units in the first {window.stop} steps: {how}"
+               f"{f'; {len(names)} layers are at least {SAT_FRACTION:.0%} saturated' if len(names) > 1 else ''}")
+    if severity == "warning" and prog is not None and prog.training_well:
+        severity = "info"
+        evidence["harmless"] = prog.sentence()
+        summary += f"; harmless so far: {prog.sentence()}"
     return Finding(
         kind="saturated_units",
-        severity="error" if worst >= SAT_ERROR else "warning",
+        severity=severity,
         first_step=int(run.steps[0]),
-        last_step=int(run.steps[min(EARLY_STEPS, n) - 1]),
+        last_step=int(run.steps[window.stop - 1]),
         layers=names,
-        summary=(
-            f"saturated_units in the first {min(EARLY_STEPS, n)} steps: {worst:.0%} of the pre-activations of "
-            f"{names[0]} sit where {'/'.join(acts) or 'the activation'} is flat (|x| beyond the 0.99 point)"
-            f"{f'; {len(names)} layers are at least {SAT_FRACTION:.0%} saturated' if len(names) > 1 else ''}."
-        ),
-        evidence={"saturated_fraction": hit, "threshold": SAT_FRACTION},
-        remedies=R.for_saturation(acts),
+        summary=summary + ".",
+        evidence=evidence,
+        remedies=R.for_saturation(acts, first_layer=names[0] == _first_weight_name(run)),
+    )
+
+
+def _first_weight_name(run: RunLike) -> str | None:
+    ids = first_stream(run)
+    return run.layers[ids[0]].name if ids else None
+
+
+# ---------------------------------------------------------------------------------- the output layer
+
+
+def output_layer(run: RunLike) -> Finding | None:
+    """What the output layer does: saturated (its sigmoid/softmax/tanh pinned at the flat ends),
+    never positive (a ReLU output), or an output/loss pair that cannot learn (a softmax over one
+    unit, a bounded output for regression, sigmoids with categorical cross-entropy). Reported with
+    its numbers and the remedy for the cause first; harmless (info) while the loss falls well. A
+    run without any gradient is no_gradient()'s."""
+    n = len(run.steps)
+    if n < 2 or _no_gradient_rows(run)[0]:
+        return None
+    h = head(run)
+    if h is None:
+        return None
+    mismatch = output_mismatch(h)
+    prog = progress(run)
+    act = h.activation or "linear"
+    symptoms = []
+    kind = None
+    if math.isfinite(h.saturated) and h.saturated >= SAT_FRACTION:
+        symptoms.append(f"{h.saturated:.0%} of its outputs sit where {act} is flat")
+        kind = "saturated_units"
+    if act in ("ReLU", "ReLU6") and math.isfinite(h.dead) and h.dead >= DEAD_FRACTION:
+        symptoms.append(f"{h.dead:.0%} of its units are never positive over a batch")
+        kind = kind or "dead_units"
+    if math.isfinite(h.constant) and h.constant >= OUTPUT_CONSTANT:
+        symptoms.append(f"{h.constant:.0%} of its units give every sample the same value")
+    stuck = prog is not None and math.isfinite(prog.improvement) and prog.improvement < OUTPUT_STUCK_IMPROVEMENT
+    if not symptoms and not (mismatch is not None and stuck):
+        return None
+    if kind is None:
+        kind = "stalled_training" if stuck or mismatch is not None else None
+    if kind is None:
+        return None  # constant units alone, while the loss moves: nothing to say
+    parts = ([mismatch.sentence] if mismatch is not None else []) + symptoms
+    evidence: dict = {
+        "output_layer": h.name, "output_activation": act, "output_units": h.units, "loss": h.loss,
+        "output_saturated_fraction": h.saturated, "output_dead_fraction": h.dead, "output_constant_fraction": h.constant,
+        "cause": mismatch.cause if mismatch is not None else None, "steps_seen": n,
+    }
+    if prog is not None:
+        evidence.update(loss_first=prog.first, loss_last=prog.last, improvement=prog.improvement)
+    if prog is not None and prog.training_well:
+        severity = "info"
+        evidence["harmless"] = prog.sentence()
+        tail = f"; harmless so far: {prog.sentence()}"
+    else:
+        severity = "error" if stuck else "warning"
+        tail = f"; {prog.sentence()}" if prog is not None else ""
+    window = early(run)
+    return Finding(
+        kind=kind,
+        severity=severity,
+        first_step=int(run.steps[0]),
+        last_step=int(run.steps[window.stop - 1]) if kind != "stalled_training" else int(run.steps[-1]),
+        layers=[h.name],
+        summary=f"{kind} at the output layer {h.describe()}: {'; '.join(parts)}{tail}.",
+        evidence=evidence,
+        remedies=R.for_output(h, mismatch),
     )
 
 
@@ -490,15 +733,15 @@ def loss_spike(run: RunLike) -> Finding | None:
     n = len(loss)
     if n <= SPIKE_WARMUP + 5:
         return None
-    start_level = float(_nanmedian(loss[:SPIKE_WARMUP]))
+    start_level = float(nanmedian(loss[:SPIKE_WARMUP]))
     clean = np.where(np.isfinite(loss), loss, np.nan)
     # Row t of `windows` is loss[t - SPIKE_WINDOW : t] (NaN-padded at the start), all at once.
     windows = np.lib.stride_tricks.sliding_window_view(
         np.concatenate([np.full(SPIKE_WINDOW, np.nan), clean]), SPIKE_WINDOW
     )[:n]
     enough = np.sum(np.isfinite(windows), axis=1) >= SPIKE_WARMUP
-    med = np.asarray(_nanmedian(windows, axis=1), dtype=np.float64)
-    mad = np.asarray(_nanmedian(np.abs(windows - med[:, None]), axis=1), dtype=np.float64) * _MAD_TO_SIGMA
+    med = np.asarray(nanmedian(windows, axis=1), dtype=np.float64)
+    mad = np.asarray(nanmedian(np.abs(windows - med[:, None]), axis=1), dtype=np.float64) * _MAD_TO_SIGMA
     scale = np.maximum(mad, 1e-12 * np.maximum(np.abs(med), 1e-30))
     with np.errstate(invalid="ignore", divide="ignore"):
         z = (clean - med) / scale
@@ -525,7 +768,7 @@ def loss_spike(run: RunLike) -> Finding | None:
         last_step=int(run.steps[spikes[-1][0]]),
         layers=[],
         summary=(
-            f"loss_spike at step {int(run.steps[t0])}: the loss jumped to {_f(float(loss[t0]))}, "
+            f"loss_spike at step {int(run.steps[t0])}: the loss jumped to {fmt(float(loss[t0]))}, "
             f"{z0:.0f} robust standard deviations above the previous {SPIKE_WINDOW} steps "
             f"({len(spikes)} spike step{'s' if len(spikes) > 1 else ''})"
             + ("; each time the loss was back at its level right after: outlier batches, not unstable training."
@@ -545,42 +788,37 @@ def loss_spike(run: RunLike) -> Finding | None:
 
 
 def stalled(run: RunLike) -> Finding | None:
-    """The loss does not improve over a long stretch and the updates are vanishingly small."""
+    """The loss does not improve over the run (at least STALL_MIN_STEPS steps) and the updates are
+    vanishingly small: a tiny learning rate, or nothing to learn from."""
     loss = run.step_series("loss").astype(np.float64)
     n = len(loss)
-    if n < STALL_MIN_STEPS or not np.isfinite(loss).any():
+    prog = progress(run)
+    if n < STALL_MIN_STEPS or prog is None or not math.isfinite(prog.improvement):
         return None
-    k = max(1, n // 10)
-    first, last = float(_nanmedian(loss[:k])), float(_nanmedian(loss[-k:]))
-    if not (math.isfinite(first) and math.isfinite(last)) or first <= 0:
+    upd = run.layer_series("update_ratio")[:, weight_layers(run)]
+    med_upd = float(nanmedian(upd[np.isfinite(upd)])) if np.isfinite(upd).any() else math.nan
+    zero = float(_no_gradient_rows(run).mean())
+    if prog.improvement >= STALL_IMPROVEMENT:
         return None
-    improvement = (first - last) / abs(first)
-    upd = run.layer_series("update_ratio")
-    med_upd = float(_nanmedian(upd[np.isfinite(upd)])) if np.isfinite(upd).any() else math.nan
-    if improvement >= STALL_IMPROVEMENT or not (math.isfinite(med_upd) and med_upd < STALL_UPDATE):
+    if not ((math.isfinite(med_upd) and med_upd < STALL_UPDATE) or zero >= NO_GRADIENT_SHARE):
         return None
+    moved = f"the median update changed the weights by {fmt(med_upd)} of their norm" if math.isfinite(med_upd) else \
+        "the gradients were exactly zero"
     return Finding(
         kind="stalled_training",
         severity="warning",
         first_step=int(run.steps[0]),
         last_step=int(run.steps[-1]),
         layers=[],
-        summary=(
-            f"stalled_training: over {n} steps the loss moved from {_f(first)} to {_f(last)} "
-            f"({improvement:+.1%}) while the median update changed weights by {_f(med_upd)} of their norm."
-        ),
-        evidence={"loss_first": first, "loss_last": last, "improvement": improvement, "median_update_ratio": med_upd},
+        summary=(f"stalled_training: over {n} steps the loss moved from {fmt(prog.first)} to {fmt(prog.last)} "
+                 f"({-prog.improvement:+.2%}) while {moved}."),
+        evidence={"loss_first": prog.first, "loss_last": prog.last, "improvement": prog.improvement,
+                  "median_update_ratio": med_upd, "steps_seen": n, "zero_gradient_share": zero},
         remedies=R.for_stalled(),
     )
 
 
-RULES = (nonfinite, exploding, vanishing, dead_units, saturated_units, loss_spike, stalled)
-
-
-def _f(x: float) -> str:
-    if x is None or not math.isfinite(x):
-        return str(x)
-    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+RULES = (nonfinite, exploding, no_gradient, vanishing, dead_units, saturated_units, output_layer, loss_spike, stalled)
 
 
 def run_rules(run: RunLike, rules: Sequence = RULES) -> list[Finding]:

@@ -185,7 +185,7 @@ class WindowReducer:
             c.copy_((c.square() + s.square() / self._local_n[None, :]) * w)
             s.mul_(w)
         # Activations: the mean over ranks.
-        for name in ("a_dead", "a_sat"):
+        for name in ("a_dead", "a_sat", "a_const"):
             self._block(r, name).div_(W)
         # Loss: summed where logged, with the count of ranks that logged it.
         logged = torch.as_tensor(loss_logged[:n_rows], dtype=torch.float64).to(r.device)

@@ -51,6 +51,10 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Threshold,
 )
 
+#: Output activations: they follow a layer as the others do (the diagnosis reads the output layer's),
+#: but surgery never swaps them.
+OUTPUT_ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
+
 #: Modules that may stand between a layer and its activation without changing which one it is.
 _TRANSPARENT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
@@ -64,7 +68,7 @@ def _activation_name(obj: object) -> str | None:
     if callable(obj) and getattr(obj, "__module__", "").startswith("torch"):
         name = getattr(obj, "__name__", "")
         known = {"relu": "ReLU", "gelu": "GELU", "sigmoid": "Sigmoid", "tanh": "Tanh", "silu": "SiLU",
-                 "elu": "ELU", "selu": "SELU", "leaky_relu": "LeakyReLU", "mish": "Mish"}
+                 "elu": "ELU", "selu": "SELU", "leaky_relu": "LeakyReLU", "mish": "Mish", "softmax": "Softmax"}
         return known.get(name)
     return None
 
@@ -93,7 +97,7 @@ def _following_activations(model: nn.Module) -> dict[str, str]:
             if isinstance(child, ACTIVATION_TYPES) or not any(True for _ in child.parameters(recurse=False)):
                 continue
             for _, nxt in children[i + 1 :]:
-                if isinstance(nxt, ACTIVATION_TYPES):
+                if isinstance(nxt, ACTIVATION_TYPES + OUTPUT_ACTIVATION_TYPES):
                     found.setdefault(f"{path}.{name}" if path else name, type(nxt).__name__)
                     break
                 if not isinstance(nxt, _TRANSPARENT_TYPES):
@@ -146,6 +150,11 @@ def build_layer_table(
 # ------------------------------------------------------------------------------------ the probe
 
 
+#: Steps at the start of a run that are sampled every other step: many real runs are 20-60 steps
+#: long, and each rule needs a few sampled values (dead units: three) to decide.
+SHORT_RUN_STEPS = 10
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
     """How often each tier of statistics is computed and the buffer crosses to the host.
@@ -153,7 +162,9 @@ class ProbeConfig:
     Args:
         flush_every: steps per device->host copy (and per store append).
         sample_every: steps between full statistics (everything but the gradient norm). The first
-            ``2 * sample_every`` steps are sampled five times as densely: problems show early.
+            ``2 * sample_every`` steps are sampled five times as densely, and the first
+            SHORT_RUN_STEPS every other step: problems show early, and a run of 20 steps still
+            holds enough sampled steps to be diagnosed.
     """
 
     flush_every: int = 50
@@ -168,12 +179,14 @@ class ProbeConfig:
     def is_sampled(self, step: int) -> bool:
         if step % self.sample_every == 0:
             return True
+        if step < SHORT_RUN_STEPS:
+            return step % 2 == 0
         dense = max(1, self.sample_every // 5)
         return step < 2 * self.sample_every and step % dense == 0
 
 
 # Raw slots of a ring row: two step slots, then blocks of one value per layer.
-_BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w_cnorm", "dw_norm", "a_dead", "a_sat")
+_BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w_cnorm", "dw_norm", "a_dead", "a_sat", "a_const")
 # Step slots: the loss and lr, what guards did (written by record_guards), the AMP loss scale and
 # whether GradScaler skipped the step (record_amp).
 _LOSS, _LR, _NORM_AFTER, _COEF, _THRESHOLD, _SKIPPED, _AMP_SCALE, _AMP_SKIPPED = range(8)
@@ -296,18 +309,79 @@ SATURATION_THRESHOLD = {
     "Sigmoid": 4.595, "LogSigmoid": 4.595, "Hardsigmoid": 3.0,
     "Tanh": 2.647, "Hardtanh": 1.0, "Softsign": 99.0,
 }
+#: The same points seen from the activation's output (a Keras ``Dense(activation=...)`` hands on
+#: the activated values): sigmoid beyond 0.01 / 0.99, tanh and softsign beyond +-0.99.
+_OUTPUT_BOUND = {"Sigmoid": (0.5, 0.49), "Hardsigmoid": (0.5, 0.49), "Tanh": (0.0, 0.99),
+                 "Softsign": (0.0, 0.99), "Hardtanh": (0.0, 0.99)}
+#: A softmax row is saturated when its largest probability is above this: its Jacobian is ~0.
+SOFTMAX_SATURATED = 0.99
 _PREACTIVATION_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class _ActivationTap:
-    """Forward hooks on Linear/Conv modules, attached only for the forward pass of a sampled step.
+@dataclass(frozen=True)
+class TapTarget:
+    """A module whose forward output the activation tap reads.
 
-    They read the module's output — the pre-activation — so no ``nn.ReLU`` module is assumed: a
-    ``F.relu`` or ``torch.sigmoid`` in ``forward`` is judged by the sign and size of what it gets.
-    Per unit (output feature or channel): the largest value over the batch (a unit whose maximum is
-    <= 0 never fires through a ReLU); per layer: the share of values beyond the saturation threshold
-    of the activation that follows, where the layer table knows it. Several forwards in one step
-    (gradient accumulation) are combined.
+    Attributes:
+        module: the module (a ``torch.nn.Module``; a Keras layer on the torch backend is one).
+        layer: index, in the probe's layer table, of the weight whose units the output has.
+        activation: the activation applied to those units (layer-table name, e.g. ``"Tanh"``).
+        space: ``"pre"`` when the output is the pre-activation (an ``nn.Linear`` followed by an
+            activation), ``"post"`` when the module applied the activation itself (Keras ``Dense``).
+        unit_axis: the axis of the output that indexes units; None: the last for a matrix weight,
+            the channel axis for a convolution (torch's layouts).
+    """
+
+    module: nn.Module
+    layer: int
+    activation: str | None
+    space: str = "pre"
+    unit_axis: int | None = None
+
+
+def torch_tap_targets(model: nn.Module, layer_of: dict[int, int], activations: dict[int, str | None]) -> list[TapTarget]:
+    """Linear and convolution modules whose weight is watched: their output is the pre-activation."""
+    out = []
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, _PREACTIVATION_TYPES) and w is not None and id(w) in layer_of:
+            i = layer_of[id(w)]
+            out.append(TapTarget(module, i, activations.get(i)))
+    return out
+
+
+def _has_flat_part(activation: str | None, space: str) -> bool:
+    """Whether :func:`_flat_share` measures anything for this activation, read from this side of it."""
+    return activation == "Softmax" or (activation or "") in (SATURATION_THRESHOLD if space == "pre" else _OUTPUT_BOUND)
+
+
+def _flat_share(x: torch.Tensor, activation: str | None, space: str, unit_dim: int) -> tuple[torch.Tensor, int] | None:
+    """(count, total) of the values that sit where the activation is flat, or None when it has no
+    flat part (ReLU's is judged per unit, as dead units)."""
+    if activation == "Softmax":
+        p = x if space == "post" else x.float().softmax(dim=unit_dim)
+        top = p.amax(dim=unit_dim)
+        return (top > SOFTMAX_SATURATED).sum(), top.numel()
+    if space == "pre":
+        t = SATURATION_THRESHOLD.get(activation or "")
+        return None if t is None else ((x.abs() > t).sum(), x.numel())
+    bound = _OUTPUT_BOUND.get(activation or "")
+    return None if bound is None else (((x - bound[0]).abs() > bound[1]).sum(), x.numel())
+
+
+class _ActivationTap:
+    """Forward hooks on the layers that produce pre-activations, attached only for the forward pass
+    of a sampled step.
+
+    For torch models the targets are Linear/Conv modules, whose output is the pre-activation, so no
+    ``nn.ReLU`` module is assumed: a ``F.relu`` or ``torch.sigmoid`` in ``forward`` is judged by the
+    sign and size of what it gets. Keras layers apply their activation themselves and are read after
+    it (``TapTarget.space``). Per unit (output feature or channel): the largest and smallest value
+    over the batch (a unit whose maximum is <= 0 never fires through a ReLU; one whose maximum equals
+    its minimum gives every sample the same output); per layer: the share of values where the
+    activation is flat, where the layer table knows it. Several forwards in one step (gradient
+    accumulation) are combined. The first step whose hooks fire also records the order in which
+    the layers ran: the gradient-flow profile and the output layer follow execution, not creation.
 
     Under ``torch.compile`` the hooks are traced into the graph. Taking them off would make dynamo
     recompile (and a graph compiled without them is reused when they come back: dynamo does not
@@ -319,13 +393,9 @@ class _ActivationTap:
     with a note saying why.
     """
 
-    def __init__(self, model: nn.Module, layer_of: dict[int, int], activations: dict[int, str | None]):
-        self.targets: list[tuple[nn.Module, int, float | None]] = []
-        for module in model.modules():
-            w = getattr(module, "weight", None)
-            if isinstance(module, _PREACTIVATION_TYPES) and w is not None and id(w) in layer_of:
-                i = layer_of[id(w)]
-                self.targets.append((module, i, SATURATION_THRESHOLD.get(activations.get(i) or "")))
+    def __init__(self, model: nn.Module, layer_of: dict[int, int], activations: dict[int, str | None],
+                 targets: Sequence[TapTarget] | None = None):
+        self.targets: list[TapTarget] = list(targets) if targets is not None else torch_tap_targets(model, layer_of, activations)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # Per target, preallocated and reset in place: the hooks only update existing tensors, so a
         # compiled graph that holds them sees the same objects at every call and never recompiles
@@ -336,6 +406,9 @@ class _ActivationTap:
         self.judge = False  # attached before a whole forward: if none fires, something bypasses them
         #: Why activation statistics are off (None while they are on).
         self.off_reason: str | None = None
+        #: Layer indices in the order their modules first ran (complete after the first tapped step).
+        self.order: list[int] = []
+        self.order_complete = False
         self._model_ref = weakref.ref(model)
 
     @property
@@ -346,34 +419,54 @@ class _ActivationTap:
         if self._handles or not self.targets:
             return
         self.judge = judge
-        for module, i, threshold in self.targets:
-            w = module.weight
-            acc = self._acc.get(i)
-            if acc is None or acc.unit_max.device != w.device or acc.unit_max.shape[0] != w.shape[0]:
-                self._acc[i] = _TapAccumulators(int(w.shape[0]), w.device)  # new, or the model moved
-            self._handles.append(module.register_forward_hook(self._hook(i, threshold, w.dim())))
+        for t in self.targets:
+            self._handles.append(t.module.register_forward_hook(self._hook(t)))
 
-    def _hook(self, i: int, threshold: float | None, weight_dim: int):  # type: ignore[no-untyped-def]
+    def _accumulators(self, t: TapTarget, units: int, device: torch.device) -> "_TapAccumulators | None":
+        acc = self._acc.get(t.layer)
+        if acc is None or acc.unit_max.device != device or acc.unit_max.shape[0] != units:
+            if torch.compiler.is_compiling():
+                return acc  # allocated eagerly before the first trace (attach); never inside a graph
+            acc = self._acc[t.layer] = _TapAccumulators(units, device)  # new, or the model moved
+        return acc
+
+    def _hook(self, t: TapTarget):  # type: ignore[no-untyped-def]
+        i, activation, space = t.layer, t.activation, t.space
+        w = getattr(t.module, "weight", None)
+        weight_dim = w.dim() if isinstance(w, torch.Tensor) else 2
+        if t.unit_axis is None and isinstance(w, torch.Tensor):
+            self._accumulators(t, int(w.shape[0]), w.device)
+
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             if torch.compiler.is_compiling():
                 self.sticky = True  # traced into a graph: removing the hook would recompile it
+            elif not self.order_complete and i not in self.order:
+                self.order.append(i)
             self.fired = True
-            if not isinstance(output, torch.Tensor) or output.numel() == 0:
+            if not isinstance(output, torch.Tensor) or output.numel() == 0 or not output.is_floating_point():
                 return
             with torch.no_grad():
                 x = output.detach()
-                # The unit axis: the last for Linear (any leading dims), the channel axis for ConvNd,
-                # batched or not (a ConvNd weight has the input's spatial dims plus 2).
-                unit_dim = max(0, x.dim() - weight_dim + 1) if weight_dim > 2 else x.dim() - 1
-                per_unit = x.movedim(unit_dim, 0).reshape(x.shape[unit_dim], -1).amax(dim=1)
-                acc = self._acc[i]
-                if per_unit.shape != acc.unit_max.shape or per_unit.device != acc.unit_max.device:
+                if t.unit_axis is not None:
+                    unit_dim = t.unit_axis % x.dim()
+                else:
+                    # The unit axis: the last for Linear (any leading dims), the channel axis for ConvNd,
+                    # batched or not (a ConvNd weight has the input's spatial dims plus 2).
+                    unit_dim = max(0, x.dim() - weight_dim + 1) if weight_dim > 2 else x.dim() - 1
+                units = x.shape[unit_dim]
+                acc = self._accumulators(t, units, x.device)
+                if acc is None or units != acc.unit_max.shape[0] or x.device != acc.unit_max.device:
                     return  # not the layout the weight implies, or the model moved: no statistic (the next attach re-allocates)
-                torch.maximum(acc.unit_max, per_unit.to(acc.unit_max.dtype), out=acc.unit_max)
+                flat = x.movedim(unit_dim, 0).reshape(units, -1)
+                lo, hi = torch.aminmax(flat, dim=1)
+                torch.maximum(acc.unit_max, hi.to(acc.unit_max.dtype), out=acc.unit_max)
+                torch.minimum(acc.unit_min, lo.to(acc.unit_min.dtype), out=acc.unit_min)
                 acc.seen.add_(1)
-                if threshold is not None:
-                    acc.sat_count.add_((x.abs() > threshold).sum())
-                    acc.sat_total.add_(x.numel())
+                acc.rows.add_(flat.shape[1])
+                share = _flat_share(x, activation, space, unit_dim)
+                if share is not None:
+                    acc.sat_count.add_(share[0])
+                    acc.sat_total.add_(share[1])
 
         return hook
 
@@ -401,28 +494,36 @@ class _ActivationTap:
         wrapper = getattr(torch._dynamo.eval_frame, "OptimizedModule", None) if hasattr(torch, "_dynamo") else None
         return wrapper is not None and any(id(getattr(o, "_orig_mod", None)) in modules for o in live_instances(wrapper))
 
-    def detach(self, keep: bool = True) -> tuple[list[int], list[torch.Tensor], list[int], list[torch.Tensor]]:
-        """Remove the hooks (unless a compiled graph holds them); return (layers, dead fractions) and
-        (layers, saturated fractions) of the forwards since the last call (NaN where none ran), or
-        nothing when not ``keep`` (a sticky tap between sampled steps: only the reset is needed)."""
+    def detach(self, keep: bool = True) -> dict[str, tuple[list[int], list[torch.Tensor]]]:
+        """Remove the hooks (unless a compiled graph holds them); return, per ring block
+        (``a_dead``, ``a_sat``, ``a_const``), the layers and their fractions over the forwards since
+        the last call (NaN where none ran), or nothing when not ``keep`` (a sticky tap between
+        sampled steps: only the reset is needed)."""
         if not self.sticky:
             for h in self._handles:
                 h.remove()
             self._handles = []
+        if self.fired and self.order:
+            self.order_complete = True
         self.fired = False
-        dead_ids, dead, sat_ids, sat = [], [], [], []
-        for _, i, threshold in self.targets if keep else ():
-            acc = self._acc.get(i)
+        out: dict[str, tuple[list[int], list[torch.Tensor]]] = {"a_dead": ([], []), "a_sat": ([], []), "a_const": ([], [])}
+        for t in self.targets if keep else ():
+            acc = self._acc.get(t.layer)
             if acc is None:
                 continue
-            dead_ids.append(i)
-            dead.append(torch.where(acc.seen > 0, (acc.unit_max <= 0).to(torch.float32).mean(), math.nan))
-            if threshold is not None:
-                sat_ids.append(i)
-                sat.append(torch.where(acc.sat_total > 0, acc.sat_count.to(torch.float32) / acc.sat_total.clamp(min=1), math.nan))
+            seen = acc.seen > 0
+            out["a_dead"][0].append(t.layer)
+            out["a_dead"][1].append(torch.where(seen, (acc.unit_max <= 0).to(torch.float32).mean(), math.nan))
+            # A unit is constant when every sample gave it the same value; one row per unit says nothing.
+            const = (acc.unit_max == acc.unit_min).to(torch.float32).mean()
+            out["a_const"][0].append(t.layer)
+            out["a_const"][1].append(torch.where(seen & (acc.rows > 1), const, math.nan))
+            if _has_flat_part(t.activation, t.space):
+                out["a_sat"][0].append(t.layer)
+                out["a_sat"][1].append(torch.where(acc.sat_total > 0, acc.sat_count.to(torch.float32) / acc.sat_total.clamp(min=1), math.nan))
         for acc in self._acc.values():
             acc.reset()
-        return dead_ids, dead, sat_ids, sat
+        return out
 
 
 class _TapAccumulators:
@@ -430,13 +531,17 @@ class _TapAccumulators:
 
     def __init__(self, units: int, device: torch.device):
         self.unit_max = torch.full((units,), -math.inf, dtype=torch.float32, device=device)
+        self.unit_min = torch.full((units,), math.inf, dtype=torch.float32, device=device)
         self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.rows = torch.zeros((), dtype=torch.int64, device=device)
         self.sat_count = torch.zeros((), dtype=torch.int64, device=device)
         self.sat_total = torch.zeros((), dtype=torch.int64, device=device)
 
     def reset(self) -> None:
         self.unit_max.fill_(-math.inf)
+        self.unit_min.fill_(math.inf)
         self.seen.zero_()
+        self.rows.zero_()
         self.sat_count.zero_()
         self.sat_total.zero_()
 
@@ -458,6 +563,7 @@ class TorchProbe:
         config: ProbeConfig,
         sink: Callable[[Chunk], None],
         model: nn.Module | None = None,
+        tap_targets: Sequence[TapTarget] | None = None,
     ):
         if not params:
             raise GradwatchError("there are no parameters to watch: the model or optimizer holds none.")
@@ -523,7 +629,7 @@ class TorchProbe:
         if model is not None:
             layer_of = {id(p): i for i, p in enumerate(self._params)}
             acts = {i: l.activation for i, l in enumerate(self.layers)}
-            self._tap = _ActivationTap(model, layer_of, acts)
+            self._tap = _ActivationTap(model, layer_of, acts, tap_targets)
             if config.is_sampled(0):
                 self._tap.attach()  # the next forward belongs to step 0
 
@@ -625,15 +731,14 @@ class TorchProbe:
         if self._tap is not None and self._tap.attached:
             tap = self._tap
             fired, judge = tap.fired, tap.judge
-            dead_ids, dead, sat_ids, sat = tap.detach(keep=sampled)  # a sticky tap collects at every step
+            blocks = tap.detach(keep=sampled)  # a sticky tap collects at every step
             if judge and not fired and not tap.sticky and self._present[row].any() and tap.model_is_compiled():
                 tap.turn_off("the model's forward ran without gradwatch's activation hooks (a torch.compile "
                              "graph traced before they were attached); dead and saturated units are judged "
                              "from the gradients alone")
-            if dead:
-                self._put(ring_row, "a_dead", ("ad", tuple(dead_ids)), dead_ids, dead)
-            if sat:
-                self._put(ring_row, "a_sat", ("as", tuple(sat_ids)), sat_ids, sat)
+            for name, (ids, values) in blocks.items():
+                if values:
+                    self._put(ring_row, name, (name, tuple(ids)), ids, values)
         # Commit the row last: a step that failed half-way is never flushed as if it were whole.
         self._rows = row + 1
         self.step = step + 1
@@ -729,6 +834,13 @@ class TorchProbe:
         else:
             row[_AMP_SKIPPED].fill_(1.0 if skipped else 0.0)
         self._grads_scaled[self._rows - 1] = grads_scaled and scale is not None
+
+    @property
+    def execution_order(self) -> list[int] | None:
+        """Indices of the tapped layers in the order their modules ran, once a tapped forward has
+        completed (None before, and without a tap)."""
+        tap = self._tap
+        return list(tap.order) if tap is not None and tap.order_complete else None
 
     @property
     def activation_note(self) -> str | None:
@@ -843,6 +955,7 @@ class TorchProbe:
                 "update_ratio": block("dw_norm") / w_norm,
                 "act_dead_frac": block("a_dead"),
                 "act_sat_frac": block("a_sat"),
+                "act_const_frac": block("a_const"),
             }
             # The global norm over the layers that have a gradient, as clip_grad_norm_ defines it.
             global_norm = np.sqrt(np.sum(np.where(present, g_norm, 0.0) ** 2, axis=1))

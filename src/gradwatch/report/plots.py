@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..diagnose.rules import weight_layers
+from ..diagnose.facts import streams as flow_streams
 from ..errors import GradwatchError
 from ..store import Run
 
@@ -38,9 +38,9 @@ def _nanmedian(x: np.ndarray, axis: int) -> np.ndarray:
 
 
 def weight_layer_ids(run: Run) -> list[int]:
-    """Weight matrices and kernels in model order (what the seeds plot per layer): the layers the
-    diagnosis reads the gradient flow from, or every layer if there are none."""
-    return weight_layers(run) or list(range(len(run.layers)))
+    """Weight matrices and kernels in the order they ran, input side first (what the seeds plot per
+    layer): the layers the diagnosis reads the gradient flow from, or every layer if there are none."""
+    return [i for ids in flow_streams(run) for i in ids] or list(range(len(run.layers)))
 
 
 def pick_lines(ids: list[int], k: int = MAX_LINES) -> list[int]:

@@ -14,7 +14,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..diagnose.rules import weight_layers
+from ..diagnose.facts import streams as flow_streams
 from ..store import Run
 from .plots import amp_text, guard_counts, has_guards
 
@@ -78,10 +78,11 @@ def flow_profile(run: Run, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray, n
         return nan, nan, np.full(n, n - 1)
     early, late = _window_median(rms, True, frac), _window_median(rms, False, frac)
     ref = np.zeros(n, dtype=int)
-    flow_layers = set(weight_layers(run))  # the same layers the diagnosis profiles
+    # The same layers the diagnosis profiles, in the order they ran: the output layer is the last.
+    position = {i: k for ids in flow_streams(run) for k, i in enumerate(ids)}
     for stream in sorted({l.stream for l in run.layers}):
         members = [i for i, l in enumerate(run.layers) if l.stream == stream]
-        weights = [i for i in members if i in flow_layers and np.isfinite(late[i])]
+        weights = sorted((i for i in members if i in position and np.isfinite(late[i])), key=position.__getitem__)
         ref[members] = weights[-1] if weights else members[-1]
     return early, late, ref
 

@@ -1,0 +1,314 @@
+"""What the diagnosis knows about a run's model, read from the stored run alone.
+
+The rules share these facts: the weight layers in the order they ran (the gradient-flow profile
+reads input side to output side in execution order, not in the order the layers were created), the
+output layer with its activation, unit count and loss function, and how much the loss improved (a
+true but harmless fact is info, not a warning). Nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..store import LayerInfo
+
+#: Layer types whose weights are lookup tables, not a path the gradient flows through in sequence.
+EXCLUDED_FROM_FLOW = ("Embedding", "EmbeddingBag")
+#: Activations with flat tails: their derivative is ~0 for large |x|.
+SATURATING = ("Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid")
+#: Steps that make the "early" window in which vanishing, saturation and dead units are judged.
+EARLY_STEPS = 100
+#: A loss that fell by at least this share between the first and the last tenth of the run (a
+#: third of the steps at most) is "training well": a finding that comes with it is judged
+#: harmless (info). Healthy runs in both scenario matrices fall by 45-99%; the unhealthy ones
+#: whose kind can be harmless (dead or saturated units) by at most 30%.
+HARMLESS_IMPROVEMENT = 0.4
+
+
+class RunLike(Protocol):
+    layers: list[LayerInfo]
+    steps: np.ndarray
+
+    def step_series(self, name: str) -> np.ndarray: ...
+
+    def layer_series(self, name: str) -> np.ndarray: ...
+
+
+def nanmedian(x: np.ndarray, axis: int | None = None) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: not computed there
+        return np.nanmedian(x, axis=axis)
+
+
+def early(run: RunLike) -> slice:
+    return slice(0, min(EARLY_STEPS, len(run.steps)))
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``("encoder.0", ".weight")`` from ``encoder.0.weight``; Keras paths split at "/"
+    (``sequential/dense/kernel``)."""
+    cut = max(name.rfind("."), name.rfind("/"))
+    return (name[:cut], name[cut:]) if cut >= 0 else ("", name)
+
+
+def last_part(name: str) -> str:
+    return split_name(name)[1].lstrip("./")
+
+
+def sibling(name: str, last: str) -> str:
+    prefix, tail = split_name(name)
+    return f"{prefix}{tail[:1]}{last}" if prefix else last
+
+
+def weight_layers(run: RunLike) -> list[int]:
+    """Weight matrices and kernels (``*.weight``, ``weight_ih_l0``, Keras ``*/kernel``...): what
+    carries the gradient flow. Embedding tables and free parameters (positional tables, scales)
+    are left out."""
+    return [
+        i for i, l in enumerate(run.layers)
+        if len(l.shape) >= 2 and l.trainable and l.module_type not in EXCLUDED_FROM_FLOW and l.numel > 0
+        and ("weight" in last_part(l.name) or "kernel" in last_part(l.name))
+    ]
+
+
+def streams(run: RunLike) -> list[list[int]]:
+    """Weight-layer indices per optimizer stream, input side first: in the order the layers ran
+    (recorded by the activation tap) where the run knows it, else in the layer table's order."""
+    by: dict[int, list[int]] = {}
+    for i in weight_layers(run):
+        by.setdefault(run.layers[i].stream, []).append(i)
+    info = {int(s.get("index", k)): s for k, s in enumerate(getattr(run, "streams", []) or [])}
+    out = []
+    for index, ids in sorted(by.items()):
+        order = info.get(index, {}).get("execution_order")
+        if order:
+            rank = {int(i): k for k, i in enumerate(order)}
+            ran = sorted((i for i in ids if i in rank), key=rank.__getitem__)
+            # Layers the tap does not see (recurrent, attention projections) keep their table place
+            # among the others: after the executed layer that precedes them in the table.
+            merged: list[int] = []
+            pending = [i for i in ids if i not in rank]
+            for i in ran:
+                merged.append(i)
+            for i in pending:
+                before = [j for j in ids if j < i and j in rank]
+                at = merged.index(before[-1]) + 1 if before else 0
+                merged.insert(at, i)
+            ids = merged
+        out.append(ids)
+    return out
+
+
+def first_stream(run: RunLike) -> list[int]:
+    s = streams(run)
+    return s[0] if s else []
+
+
+def layer_index(run: RunLike, name: str) -> int | None:
+    for i, l in enumerate(run.layers):
+        if l.name == name:
+            return i
+    return None
+
+
+# ---------------------------------------------------------------------------------- the loss
+
+
+def loss_family(loss: str | None) -> str | None:
+    """``regression``, ``binary``, ``categorical`` or None, from a recorded loss name: a Keras loss
+    (``mse``, ``binary_crossentropy``, ``CategoricalCrossentropy(from_logits=True)``) or the
+    autograd node that produced a torch loss (``MseLossBackward0``, ``NllLossBackward0``)."""
+    if not loss:
+        return None
+    key = loss.lower().replace("_", "").replace(" ", "")
+    if any(k in key for k in ("binarycrossentropy", "binaryfocal", "bceloss", "binarycrossentropywithlogits")):
+        return "binary"
+    if any(k in key for k in ("categoricalcrossentropy", "categoricalfocal", "nllloss", "crossentropy", "kldiv", "kld")):
+        return "categorical"
+    if any(k in key for k in ("mse", "meansquared", "mae", "meanabsolute", "huber", "l1loss", "smoothl1", "logcosh",
+                              "msle", "meansquaredlogarithmic")):
+        return "regression"
+    return None
+
+
+def takes_logits(loss: str | None) -> bool:
+    """Whether the loss applies its own sigmoid/softmax (Keras ``from_logits=True``; torch's
+    ``BCEWithLogits`` and ``cross_entropy``, whose node is a log-softmax followed by NLL)."""
+    if not loss:
+        return False
+    key = loss.lower().replace("_", "")
+    return "fromlogits=true" in key or "withlogits" in key or "nllloss" in key
+
+
+def autograd_node(loss: str | None) -> bool:
+    """Whether the loss was named by the torch autograd node that produced it."""
+    return bool(loss) and "Backward" in str(loss)
+
+
+# ---------------------------------------------------------------------------------- the output layer
+
+
+@dataclass(frozen=True)
+class Head:
+    """The output layer of the first stream, and what it does early in the run.
+
+    Attributes:
+        layer: index of its weight in ``run.layers``.
+        activation: the activation applied to its output (None: linear).
+        units: output units (features or channels).
+        loss: the recorded loss name, if any; ``family`` its kind (regression, binary, categorical).
+        saturated: median share of its outputs where the activation is flat, early (NaN: not known).
+        dead: median share of its units never positive over a batch, early.
+        constant: median share of its units that give every sample the same value, early.
+    """
+
+    layer: int
+    name: str
+    activation: str | None
+    units: int
+    loss: str | None
+    family: str | None
+    logits: bool
+    saturated: float
+    dead: float
+    constant: float
+
+    def describe(self) -> str:
+        act = self.activation or "linear"
+        return f"{self.name} ({self.units} unit{'s' if self.units != 1 else ''}, {act})"
+
+
+def _units(layer: LayerInfo) -> int:
+    # Keras kernels are (in, out) (convolutions (..., in, out)); torch weights (out, in, ...).
+    if "kernel" in last_part(layer.name):
+        return int(layer.shape[-1])
+    return int(layer.shape[0])
+
+
+def _early_median(run: RunLike, metric: str, i: int) -> float:
+    v = run.layer_series(metric)[early(run)][:, i]
+    m = nanmedian(v)
+    return float(m) if m is not None and np.isfinite(m) else math.nan
+
+
+def head(run: RunLike) -> Head | None:
+    """The output layer: the last weight layer to run in the first stream."""
+    ids = first_stream(run)
+    if not ids:
+        return None
+    i = ids[-1]
+    layer = run.layers[i]
+    info = (getattr(run, "streams", None) or [{}])[0]
+    loss = info.get("loss") if isinstance(info, dict) else None
+    return Head(
+        layer=i, name=layer.name, activation=layer.activation, units=_units(layer),
+        loss=loss, family=loss_family(loss), logits=takes_logits(loss),
+        saturated=_early_median(run, "act_sat_frac", i),
+        dead=_early_median(run, "act_dead_frac", i),
+        constant=_early_median(run, "act_const_frac", i),
+    )
+
+
+def head_layers(run: RunLike) -> set[str]:
+    """Each stream's output weight layer and its bias: the head, whose units are not hidden units."""
+    out: set[str] = set()
+    for ids in streams(run):
+        name = run.layers[ids[-1]].name
+        out |= {name, sibling(name, "bias")}
+    return out
+
+
+#: Output activations that bound the output (a regression target outside their range is unreachable).
+BOUNDED = {"Sigmoid": "[0, 1]", "Hardsigmoid": "[0, 1]", "Softmax": "[0, 1]", "Tanh": "[-1, 1]",
+           "Softsign": "[-1, 1]", "Hardtanh": "[-1, 1]", "ReLU": "[0, inf)", "ReLU6": "[0, 6]",
+           "Softplus": "(0, inf)"}
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """An output layer and loss that cannot learn together: why, and the remedy for the cause."""
+
+    cause: str
+    sentence: str
+    remedy: tuple[str, dict[str, Any], str]
+
+
+def output_mismatch(h: Head) -> Mismatch | None:
+    """Output/loss pairs that cannot learn, from the layer table and the recorded loss."""
+    act = h.activation
+    if act == "Softmax" and h.units == 1:
+        return Mismatch(
+            "softmax_single_unit",
+            f"a softmax over the single unit of {h.name} always outputs 1, whatever its input",
+            ("change_output", {"activation": "sigmoid", "units": 1},
+             "a softmax normalises over the units, so one unit is constantly 1 and passes no gradient; "
+             "use a sigmoid for one output (or 2 units with softmax)."))
+    if h.family == "regression" and act in BOUNDED:
+        return Mismatch(
+            "bounded_regression_output",
+            f"{h.name} has a {act} output, which can only reach {BOUNDED[act]}, trained on a regression loss ({h.loss})",
+            ("change_output", {"activation": "linear"},
+             f"a regression output must be able to reach the targets; {act} bounds it to {BOUNDED[act]} "
+             "and is flat (no gradient) where the targets lie outside."))
+    if h.family == "categorical" and act == "Sigmoid" and h.units > 1 and not h.logits:
+        return Mismatch(
+            "sigmoid_categorical",
+            f"{h.name} has {h.units} independent sigmoid outputs trained with {h.loss}, which expects a softmax distribution",
+            ("change_output", {"activation": "softmax"},
+             "categorical cross-entropy expects probabilities that sum to 1 over the classes: a softmax output."))
+    if h.family in ("binary", "categorical") and act is None and not h.logits and not autograd_node(h.loss):
+        # A Keras probability loss on a linear output: predictions outside [eps, 1 - eps] are clipped,
+        # and a clipped prediction passes no gradient back. (A torch loss is named by its autograd
+        # node; there a functional torch.sigmoid is not in the layer table, so "linear" is not known.)
+        return Mismatch(
+            "probability_loss_on_linear_output",
+            f"{h.name} is linear but {h.loss} expects probabilities (from_logits=False)",
+            ("change_loss", {"from_logits": True},
+             "the loss clips predictions to (0, 1) and passes no gradient where it clips; tell it the outputs are logits "
+             "(from_logits=True) or add a sigmoid/softmax output."))
+    return None
+
+
+# ---------------------------------------------------------------------------------- the loss curve
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How the loss moved: medians of the first and last tenth (at least 1, at most a third of the
+    steps) and the relative improvement between them."""
+
+    first: float
+    last: float
+    improvement: float
+    steps: int
+
+    @property
+    def training_well(self) -> bool:
+        return math.isfinite(self.improvement) and self.improvement >= HARMLESS_IMPROVEMENT
+
+    def sentence(self) -> str:
+        return f"the loss fell from {fmt(self.first)} to {fmt(self.last)} ({self.improvement:.0%}) over {self.steps} steps"
+
+
+def progress(run: RunLike) -> Progress | None:
+    loss = run.step_series("loss").astype(np.float64)
+    finite = loss[np.isfinite(loss)]
+    n = finite.size
+    if n < 4:
+        return None
+    k = max(1, min(n // 10, n // 3)) if n >= 10 else max(1, n // 3)
+    first, last = float(np.median(finite[:k])), float(np.median(finite[-k:]))
+    if first <= 0:
+        return Progress(first, last, math.nan, n)
+    return Progress(first, last, (first - last) / abs(first), n)
+
+
+def fmt(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
