@@ -10,12 +10,8 @@ would prove nothing about it.
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,24 +24,7 @@ if keras.backend.backend() != "torch":  # pragma: no cover
 import gradwatch as gw  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from keras_matrix import KINDS, PROGRAMS, record  # noqa: E402
-
-_root: Path | None = None
-
-
-def _runs_root() -> Path:
-    global _root
-    if _root is None:
-        _root = Path(tempfile.mkdtemp(prefix="gradwatch-keras-matrix-"))
-        atexit.register(shutil.rmtree, _root, True)
-    return _root
-
-
-@functools.lru_cache(maxsize=None)
-def recorded(name: str) -> Path:
-    """Record program ``name`` once per process; later calls return the same run directory."""
-    return record(name, _runs_root() / name)
-
+from keras_matrix import KINDS, PROGRAMS, recorded  # noqa: E402
 
 @pytest.mark.parametrize("name", list(PROGRAMS))
 def test_program_behaves_as_labelled(name: str) -> None:

@@ -69,7 +69,9 @@ def _consumers(model: Any, layers: list[Any]) -> dict[int, list[Any]]:
             for parent in getattr(node, "parent_nodes", []) or []:
                 op = getattr(parent, "operation", None)
                 if op is not None and op is not layer:
-                    out.setdefault(id(op), []).append(layer)
+                    users = out.setdefault(id(op), [])
+                    if not any(u is layer for u in users):  # Sequential.add() rebuilds leave stale nodes
+                        users.append(layer)
     if not out and hasattr(model, "layers"):
         seq = list(model.layers)
         for a, b in zip(seq, seq[1:]):
@@ -208,16 +210,18 @@ def tap_targets(model: Any, variables: list[Any]) -> list[TapTarget]:
     return targets
 
 
-def find_keras_model(variables: list[Any]) -> Any:
-    """The live Keras model that owns most of ``variables`` (fewest others on a tie)."""
+def find_keras_model(variables: list[Any], optimizer: Any = None) -> Any:
+    """The live Keras model that owns most of ``variables`` (on a tie: the one compiled with
+    ``optimizer`` — not the functional graph a Sequential keeps inside —, then the fewest others)."""
     from .objects import live_instances
 
     wanted = {id(v) for v in variables}
-    best, best_key = None, (0, 0)
+    best, best_key = None, (0, 0, 0)
     models = live_instances(keras.Model)
     for m in models:
         ids = {id(v) for v in m.trainable_variables}
-        key = (len(wanted & ids), -len(ids))
+        compiled = optimizer is not None and getattr(m, "optimizer", None) is optimizer
+        key = (len(wanted & ids), int(compiled), -len(ids))
         if key[0] and key > best_key:
             best, best_key = m, key
     if best is None:

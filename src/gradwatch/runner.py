@@ -174,7 +174,7 @@ class _KerasHooks:
             from .keras import KerasAttachment, find_keras_model
 
             variables = list(variables if variables is not None else opt._trainable_variables)
-            model = find_keras_model(variables)
+            model = find_keras_model(variables, opt)
             self._attached[key] = KerasAttachment(self._watch, model, opt, variables, wrap=False)
             self._attached[key].capture_loss(model)  # the unscaled loss, also under a LossScaleOptimizer
         except GradwatchError as e:

@@ -292,7 +292,9 @@ class Progress:
         return math.isfinite(self.improvement) and self.improvement >= HARMLESS_IMPROVEMENT
 
     def sentence(self) -> str:
-        return f"the loss fell from {fmt(self.first)} to {fmt(self.last)} ({self.improvement:.0%}) over {self.steps} steps"
+        change = -self.improvement
+        how = f"{abs(change):.0%} {'lower' if change < 0 else 'higher'}" if math.isfinite(change) else "?"
+        return f"the loss went from {fmt(self.first)} to {fmt(self.last)} ({how}) over {self.steps} steps"
 
 
 def progress(run: RunLike) -> Progress | None:

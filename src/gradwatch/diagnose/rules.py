@@ -88,8 +88,10 @@ SPIKE_RECOVER = 10
 STALL_MIN_STEPS = 20
 STALL_IMPROVEMENT = 0.01
 STALL_UPDATE = 1e-5
-#: No gradient: the share of the early steps whose gradients are all exactly zero, from step 0.
+#: No gradient: the share of the steps, from some step to the end of the run, whose gradients are
+#: all exactly zero (one noisy step does not end it), over at least NO_GRADIENT_MIN_STEPS steps.
 NO_GRADIENT_SHARE = 0.9
+NO_GRADIENT_MIN_STEPS = 5
 #: Dead units are an error when this share of a layer's units never fires.
 DEAD_ERROR = 0.9
 #: A saturating layer whose kernel gradient is exactly zero for this share of its entries is
@@ -200,9 +202,7 @@ def exploding(run: RunLike) -> Finding | None:
     first_bad = _first(~np.isfinite(gnorm))
     horizon = first_bad if first_bad is not None else len(gnorm)
     base = _baseline(gnorm[:horizon])
-    row = None
-    if math.isfinite(base) and base > 0:
-        row = _first(np.isfinite(gnorm[:horizon]) & (gnorm[:horizon] > EXPLODE_FACTOR * base))
+    row = _first_crossing(gnorm[:horizon])
     # Weight matrices only: a zero-initialised bias has |w| = 0 and an infinite ratio on step 0.
     upd = run.layer_series("update_ratio")[:horizon][:, weight_layers(run)]
     with np.errstate(invalid="ignore"):
@@ -266,6 +266,24 @@ def exploding(run: RunLike) -> Finding | None:
         },
         remedies=R.for_exploding(run),
     )
+
+
+def _first_crossing(gnorm: np.ndarray) -> int | None:
+    """The first step whose norm exceeds EXPLODE_FACTOR x the median of the finite norms before it
+    (the first BASELINE_STEPS of them): a step is never judged against a baseline it is part of, so
+    a norm that starts high and collapses (an output pinned at its first steps) is no explosion."""
+    finite = np.isfinite(gnorm)
+    seen: list[float] = []
+    for t in range(gnorm.size):
+        if len(seen) >= BASELINE_STEPS:
+            base = float(np.median(seen))
+            later = np.flatnonzero(finite[t:] & (gnorm[t:] > EXPLODE_FACTOR * base)) if base > 0 else np.zeros(0, int)
+            return int(t + later[0]) if later.size else None
+        if finite[t] and seen and np.median(seen) > 0 and gnorm[t] > EXPLODE_FACTOR * float(np.median(seen)):
+            return t
+        if finite[t]:
+            seen.append(float(gnorm[t]))
+    return None
 
 
 def sustained_rise(gnorm: np.ndarray, loss: np.ndarray) -> int | None:
@@ -356,25 +374,36 @@ def _no_gradient_rows(run: RunLike) -> np.ndarray:
     return np.isfinite(g) & (g == 0)
 
 
+def _gradient_gone_from(run: RunLike) -> int | None:
+    """The first row from which every gradient is exactly zero on at least NO_GRADIENT_SHARE of the
+    steps to the end of the run (and on that row), over at least NO_GRADIENT_MIN_STEPS steps."""
+    zero = _no_gradient_rows(run)
+    n = zero.size
+    if n == 0:
+        return None
+    # share of zero-gradient steps from each row to the end
+    tail = np.cumsum(zero[::-1])[::-1] / np.arange(n, 0, -1)
+    ok = zero & (tail >= NO_GRADIENT_SHARE) & (np.arange(n) <= n - min(NO_GRADIENT_MIN_STEPS, n))
+    return _first(ok)
+
+
 def no_gradient(run: RunLike) -> Finding | None:
-    """Every gradient of every layer exactly zero from the first step: nothing can learn. The
-    cause is named from the output layer and the loss (a softmax over one unit, an output pinned
-    where the activation or the loss's clipping is flat), since a zero everywhere starts there."""
+    """Every gradient of every layer exactly zero, from the first step (or from some step to the
+    end of the run): nothing can learn. The cause is named from the output layer and the loss (a
+    softmax over one unit, an output pinned where the activation or the loss's clipping is flat),
+    since a zero everywhere starts there."""
     n = len(run.steps)
-    if n < 1:
+    row = _gradient_gone_from(run)
+    if row is None:
         return None
     zero = _no_gradient_rows(run)
-    window = zero[early(run)]
-    g = run.step_series("grad_norm")[early(run)]
-    known = np.isfinite(g)
-    if not zero[0] or known.sum() < 1 or window[known].mean() < NO_GRADIENT_SHARE:
-        return None
     h = head(run)
     cause, sentence, first_fix = _zero_gradient_cause(run, h)
-    steps_zero = int(zero.sum())
+    steps_zero = int(zero[row:].sum())
     prog = progress(run)
     evidence: dict = {
         "cause": cause,
+        "from_step": int(run.steps[row]),
         "zero_gradient_steps": steps_zero,
         "steps_seen": n,
         "loss_first": prog.first if prog else None,
@@ -385,14 +414,15 @@ def no_gradient(run: RunLike) -> Finding | None:
                         loss=h.loss, output_saturated_fraction=h.saturated, output_dead_fraction=h.dead,
                         output_constant_fraction=h.constant)
     remedies = ([first_fix] if first_fix is not None else []) + [r for r in R.for_no_gradient(h) if first_fix is None or r.action != first_fix.action]
+    step = int(run.steps[row])
+    span = f"({steps_zero} of {n} steps)" if row == 0 else f"from step {step} to the end ({steps_zero} of the last {n - row} steps)"
     return Finding(
         kind="vanishing_gradients",
         severity="error",
-        first_step=int(run.steps[0]),
+        first_step=step,
         last_step=int(run.steps[np.flatnonzero(zero)[-1]]),
         layers=[h.name] if h is not None else [],
-        summary=(f"vanishing_gradients from step {int(run.steps[0])}: every gradient of every layer is exactly zero "
-                 f"({steps_zero} of {n} steps): {sentence}."),
+        summary=f"vanishing_gradients from step {step}: every gradient of every layer is exactly zero {span}: {sentence}.",
         evidence=evidence,
         remedies=remedies,
     )
@@ -668,14 +698,16 @@ def output_layer(run: RunLike) -> Finding | None:
     """What the output layer does: saturated (its sigmoid/softmax/tanh pinned at the flat ends),
     never positive (a ReLU output), or an output/loss pair that cannot learn (a softmax over one
     unit, a bounded output for regression, sigmoids with categorical cross-entropy). Reported with
-    its numbers and the remedy for the cause first; harmless (info) while the loss falls well. A
-    run without any gradient is no_gradient()'s."""
+    its numbers and the remedy for the cause first; harmless (info) while the loss falls well. In a
+    run without any gradient it says only what its units show (saturated, never positive): the
+    no-gradient finding gives the cause."""
     n = len(run.steps)
-    if n < 2 or _no_gradient_rows(run)[0]:
+    if n < 2:
         return None
     h = head(run)
     if h is None:
         return None
+    no_gradient_at_all = bool(_no_gradient_rows(run)[0])
     mismatch = output_mismatch(h)
     prog = progress(run)
     act = h.activation or "linear"
@@ -692,6 +724,8 @@ def output_layer(run: RunLike) -> Finding | None:
     stuck = prog is not None and math.isfinite(prog.improvement) and prog.improvement < OUTPUT_STUCK_IMPROVEMENT
     if not symptoms and not (mismatch is not None and stuck):
         return None
+    if no_gradient_at_all and kind is None:
+        return None  # no_gradient() already says what the output does
     if kind is None:
         kind = "stalled_training" if stuck or mismatch is not None else None
     if kind is None:
