@@ -292,3 +292,36 @@ def test_the_profile_follows_execution_order_not_creation_order() -> None:
     plain = fake(100, layers, loss="mse")
     plain.layer["grad_rms"][:] = run.layer["grad_rms"]
     assert "vanishing_gradients" not in serious(plain)
+
+
+def test_layers_the_tap_does_not_see_keep_their_place_in_the_profile() -> None:
+    from gradwatch.diagnose.facts import streams
+
+    names = ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l1", "lstm.weight_hh_l1", "head.weight", "proj.weight"]
+    layers = [LayerInfo(n, (8, 8), 64, "LSTM" if n.startswith("lstm") else "Linear", None) for n in names]
+    # The forward runs proj, then the LSTM (untapped), then head; proj was created last.
+    run = fake(10, layers, order=[5, 4])
+    assert [layers[i].name for i in streams(run)[0]] == [
+        "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l1", "lstm.weight_hh_l1", "proj.weight", "head.weight"]
+
+
+# ------------------------------------------------------------------------------------ parameters the loss never reaches
+
+
+def test_weights_that_never_get_a_gradient_are_named_with_their_share() -> None:
+    layers = [LayerInfo("offset", (1,), 1, "Regressor", None)] + dense_net("ReLU", None, depth=2)
+    run = fake(64, layers, loss="MseLossBackward0")
+    run.layer["grad_nonfinite"][:, 1:] = np.nan  # .grad stayed None: the output was detached
+    run.layer["grad_rms"][:, 1:] = np.nan
+    f = serious(run)["vanishing_gradients"]
+    assert f.severity == "error" and f.evidence["cause"] == "no_gradient_path"
+    assert f.layers == ["sequential/dense_0/kernel", "sequential/dense_1/kernel"] and "never receive a gradient in 64 steps" in f.summary
+    assert f.remedies[0].action == "check_graph"
+
+
+def test_a_small_unused_part_of_the_model_is_info() -> None:
+    layers = dense_net("ReLU", None, depth=3) + [LayerInfo("pooler/kernel", (2, 2), 4, "Dense", "Tanh")]
+    run = fake(64, layers, loss="mse")
+    run.layer["grad_nonfinite"][:, -1] = np.nan
+    f = findings(run)["vanishing_gradients"]
+    assert f.severity == "info" and f.layers == ["pooler/kernel"]

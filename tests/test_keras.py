@@ -228,3 +228,19 @@ def test_a_fit_that_raises_leaves_nothing_behind_and_a_reused_callback_writes_a_
     second = gw.load_run(tmp_path / "r-2")
     assert second.status == "finished" and len(second.steps) == 4
     assert "apply" not in model.optimizer.__dict__ and "_compute_loss" not in model.__dict__
+
+
+def test_a_custom_schedule_without_get_config_is_recorded_not_broken(tmp_path: Path) -> None:
+    """A LearningRateSchedule that does not override get_config() makes the optimizer's config
+    raise; the run is recorded all the same and fit() never sees gradwatch's trouble."""
+
+    class Ramp(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):  # type: ignore[no-untyped-def]
+            return 1e-2 * keras.ops.power(1.01, keras.ops.cast(step, "float32"))
+
+    keras.utils.set_random_seed(4)
+    x, y = make_moons(n_samples=200, noise=0.2, random_state=0)
+    model = keras.Sequential([Input(shape=(2,)), Dense(8, activation="relu"), Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.SGD(Ramp()), loss="binary_crossentropy")
+    cb, run = _fit(model, x, y, tmp_path / "ramp", epochs=2)
+    assert len(run.steps) == 2 * 7 and run.streams[0]["loss"] == "binary_crossentropy"

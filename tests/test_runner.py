@@ -345,3 +345,12 @@ def test_run_script_restores_torch_afterwards(tmp_path, ending, capsys):
     opt.step()
     assert len(gradwatch.load_run(tmp_path / "run").steps) == 4
     capsys.readouterr()
+
+
+def test_a_sequential_with_its_activation_is_watched_not_its_linear_alone(tmp_path: Path) -> None:
+    """Sequential(Linear, Sigmoid) owns exactly the Linear's parameters: the outer module is the
+    model (its Sigmoid is seen), while DDP/compile wrappers still lose to what they wrap."""
+    from gradwatch.runner import find_owner_module
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Sigmoid())
+    assert find_owner_module(list(model.parameters())) is model

@@ -134,7 +134,12 @@ class KerasOptimizerView:
     def __init__(self, optimizer: Any, variables: list[Any]):
         self.keras_optimizer = optimizer
         self.variables = variables
-        config = optimizer.get_config()
+        try:
+            config = optimizer.get_config()
+        except Exception:
+            # A custom LearningRateSchedule without get_config() makes the optimizer's config raise;
+            # the record keeps what can be read directly.
+            config = {k: getattr(optimizer, k, None) for k in ("name", "clipnorm", "global_clipnorm", "clipvalue")}
         self.defaults = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
     @property

@@ -27,29 +27,35 @@ from .errors import GradwatchError
 from .guards.base import GuardStop
 from .objects import live_instances
 from .treatment import TreatmentRefused
-from .watch import Watch, default_out, loss_node
+from .watch import Watch, default_out, loss_node, unwrap_model
 
 
 def find_owner_module(params: Sequence[torch.Tensor]) -> nn.Module | None:
-    """The module that owns ``params``: most of them, fewest others, innermost on a tie.
+    """The module that owns ``params``: most of them, fewest others; on a tie the outermost, so
+    that ``Sequential(Linear, Sigmoid)`` is watched with its activation rather than its Linear
+    alone, except that wrappers (``DistributedDataParallel``, ``DataParallel``, ``torch.compile``'s
+    module) lose to the model they wrap.
 
-    Searched among live modules once per optimizer (at its first step), so wrappers such as
-    ``DistributedDataParallel`` lose to the model they wrap.
+    Searched among live modules once per optimizer (at its first step).
     """
     wanted = {id(p) for p in params}
-    best: nn.Module | None = None
     best_key: tuple[int, int] = (0, 0)
-    modules = live_instances(nn.Module)
-    for obj in modules:
+    tied: list[nn.Module] = []
+    for obj in live_instances(nn.Module):
         ids = {id(p) for p in obj.parameters()}
         covered = len(wanted & ids)
         if not covered:
             continue
         key = (covered, -len(ids))
-        inner = best is not None and key == best_key and any(m is obj for m in best.modules())
-        if key > best_key or inner:
-            best, best_key = obj, key
-    return best
+        if key > best_key:
+            best_key, tied = key, [obj]
+        elif key == best_key:
+            tied.append(obj)
+    candidates = [m for m in tied if unwrap_model(m) is m] or tied
+    for m in candidates:  # the outermost: no other candidate contains it
+        if not any(o is not m and any(x is m for x in o.modules()) for o in candidates):
+            return m
+    return candidates[0] if candidates else None
 
 
 def variable_name(obj: object, max_depth: int = 64) -> str | None:
@@ -180,6 +186,10 @@ class _KerasHooks:
         except GradwatchError as e:
             self._refused.add(key)
             print(f"gradwatch: not recording {type(opt).__name__}: {e}", file=sys.stderr)
+        except Exception as e:  # a monitor must never stop the script it watches
+            self._refused.add(key)
+            print(f"gradwatch: not recording {type(opt).__name__} after an internal error "
+                  f"({type(e).__name__}: {e}); training continues. Please report this.", file=sys.stderr)
         return self._attached.get(key)
 
     def __exit__(self, *exc: Any) -> None:

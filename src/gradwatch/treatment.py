@@ -35,6 +35,7 @@ NEEDS_CODE = {
     "reduce_depth": "remove layers from the model definition",
     "scale_inputs": "standardise the input features in the script (e.g. sklearn's StandardScaler)",
     "change_output": "change the output layer's activation (or units) in the model definition",
+    "check_graph": "find where the forward leaves autograd (.detach(), .data, .item(), numpy, torch.no_grad())",
     "change_loss": "change the loss in the script (e.g. from_logits=True, or a loss that matches the output)",
     "set_dtype": "autocast to bfloat16 instead of float16 (torch.autocast(..., dtype=torch.bfloat16), no GradScaler)",
 }

@@ -16,8 +16,8 @@ import numpy as np
 
 from . import remedies as R
 from .facts import (
-    EXCLUDED_FROM_FLOW, SATURATING, Head, RunLike, early, first_stream, fmt, head, head_layers, last_part, nanmedian,
-    output_mismatch, progress, sibling, weight_layers,
+    EXCLUDED_FROM_FLOW, SATURATING, Head, RunLike, autograd_node, early, first_stream, fmt, head, head_layers, last_part, nanmedian,
+    output_mismatch, progress, sibling, streams, weight_layers,
 )
 from .finding import Finding, Remedy
 
@@ -57,8 +57,10 @@ RISE_R2 = 0.6
 RISE_LOSS_IMPROVEMENT = 0.1
 #: Update ratio ‖Δw‖/‖w‖ above which a step rewrites a layer wholesale (rule of thumb is ~1e-3).
 UPDATE_RATIO_EXPLODE = 1.0
-#: ... counted only if the gradient norm also grew this much (or turned non-finite).
+#: ... counted only if the gradient norm also grew this much by then (or turns non-finite within
+#: UPDATE_GATE_STEPS steps).
 UPDATE_GATE_GROWTH = 10.0
+UPDATE_GATE_STEPS = 10
 #: Dead units: share of a layer's units whose gradient is exactly zero on every sampled step.
 DEAD_FRACTION = 0.5
 #: ... on at least this many sampled steps in a row, up to the end of the run.
@@ -92,6 +94,10 @@ STALL_UPDATE = 1e-5
 #: all exactly zero (one noisy step does not end it), over at least NO_GRADIENT_MIN_STEPS steps.
 NO_GRADIENT_SHARE = 0.9
 NO_GRADIENT_MIN_STEPS = 5
+#: Layers that never get a gradient are an error when they hold this share of the weights, a
+#: warning from UNGRADED_WARN_SHARE; a smaller unused part (a pooler a fine-tune does not use) is info.
+UNGRADED_ERROR_SHARE = 0.5
+UNGRADED_WARN_SHARE = 0.1
 #: Dead units are an error when this share of a layer's units never fires.
 DEAD_ERROR = 0.9
 #: A saturating layer whose kernel gradient is exactly zero for this share of its entries is
@@ -207,11 +213,14 @@ def exploding(run: RunLike) -> Finding | None:
     upd = run.layer_series("update_ratio")[:horizon][:, weight_layers(run)]
     with np.errstate(invalid="ignore"):
         big_update = np.isfinite(upd) & (np.nan_to_num(upd, nan=0.0) > UPDATE_RATIO_EXPLODE)
-    upd_row = _first(big_update.any(axis=1)) if big_update.size else None
     # With Adam/RMSprop a too-large lr alone gives huge update ratios whatever the gradient: count
-    # them as an explosion only when the gradients also grew or went non-finite.
-    if upd_row is not None and first_bad is None and not _grew(gnorm, UPDATE_GATE_GROWTH):
-        upd_row = None
+    # them as an explosion only at rows by which the gradients had grown (or where a non-finite
+    # value follows): the step is then named where both had happened.
+    upd_row = None
+    for r in np.flatnonzero(big_update.any(axis=1)) if big_update.size else []:
+        if _grew(gnorm[: r + 1], UPDATE_GATE_GROWTH) or (first_bad is not None and r >= first_bad - UPDATE_GATE_STEPS):
+            upd_row = int(r)
+            break
     loss = run.step_series("loss").astype(np.float64)
     rise = sustained_rise(gnorm[:horizon], loss[:horizon])
     if row is None and upd_row is None and rise is None:
@@ -428,6 +437,42 @@ def no_gradient(run: RunLike) -> Finding | None:
     )
 
 
+def ungraded_layers(run: RunLike) -> Finding | None:
+    """Weight layers the optimizer holds that never receive a gradient (``.grad`` stays None on
+    every step) while others do: the loss does not reach them — a detached output, a branch the
+    forward never uses, parameters of another model handed to this optimizer."""
+    n = len(run.steps)
+    if n < NO_GRADIENT_MIN_STEPS:
+        return None
+    # grad_nonfinite is 0 or 1 wherever the layer had a gradient, NaN where .grad was None.
+    present = np.isfinite(run.layer_series("grad_nonfinite"))
+    ids = [i for ids in streams(run) for i in ids]
+    never = [i for i in ids if not present[:, i].any()]
+    if not never or not present.any():
+        return None  # nothing recorded for any parameter: no gradient statistics to judge
+    trained = [i for i, l in enumerate(run.layers) if l.trainable]
+    share = sum(run.layers[i].numel for i in never) / max(1, sum(run.layers[i].numel for i in trained))
+    names = [run.layers[i].name for i in never]
+    upd = run.layer_series("update_ratio")[:, never]
+    moved = bool(np.isfinite(upd).any() and np.nanmax(upd) > 0)
+    return Finding(
+        kind="vanishing_gradients",
+        severity="error" if share >= UNGRADED_ERROR_SHARE else "warning" if share >= UNGRADED_WARN_SHARE else "info",
+        first_step=int(run.steps[0]),
+        last_step=int(run.steps[-1]),
+        layers=names[:20],
+        summary=(f"vanishing_gradients from step {int(run.steps[0])}: {len(never)} of {len(ids)} weight layers "
+                 f"({share:.0%} of the trained parameters), first {names[0]}, never receive a gradient in {n} steps (their .grad "
+                 "stays empty): the loss does not depend on them — a detached output (.detach(), .data, .numpy()), "
+                 "a branch the forward does not use, or another model's parameters in this optimizer."),
+        evidence={"cause": "no_gradient_path", "layers_without_gradient": names, "weight_share": share,
+                  "steps_seen": n, "weights_moved": moved},
+        remedies=[Remedy("check_graph", {"layers": names[:5]},
+                         "find where the forward leaves autograd before these layers' output reaches the loss "
+                         "(.detach(), .data, .item(), numpy round trips, torch.no_grad()).")],
+    )
+
+
 def _zero_gradient_cause(run: RunLike, h: Head | None) -> tuple[str, str, Remedy | None]:
     """(cause, sentence, remedy that fixes it) for a run without any gradient."""
     if h is None:
@@ -450,9 +495,14 @@ def _zero_gradient_cause(run: RunLike, h: Head | None) -> tuple[str, str, Remedy
                 f"the output layer {h.describe()} gives every sample the same value",
                 None)
     if h.family in ("binary", "categorical") and not h.logits:
+        torch_loss = autograd_node(h.loss)
+        fix = (Remedy("change_loss", {"to": "BCEWithLogitsLoss" if h.family == "binary" else "CrossEntropyLoss"},
+                      "a prediction of exactly 0 or 1 has no gradient through the loss; drop the final sigmoid/softmax "
+                      "and use the loss that takes logits.") if torch_loss else
+               Remedy("change_loss", {"from_logits": True}, "a clipped prediction has no gradient; compute the loss from logits."))
         return ("loss_clipping",
-                f"the loss ({h.loss}) clips the predictions of {h.describe()} to (0, 1) and passes nothing back where it clips",
-                Remedy("change_loss", {"from_logits": True}, "a clipped prediction has no gradient; compute the loss from logits."))
+                f"the loss ({h.loss}) gets predictions of exactly 0 or 1 from {h.describe()} and passes nothing back there",
+                fix)
     loss = f" ({h.loss})" if h.loss else ""
     return ("loss_detached", f"the loss{loss} does not depend on the trained weights (detached output, or a constant loss)", None)
 
@@ -573,7 +623,10 @@ def dead_units(run: RunLike) -> Finding | None:
         # zeros in the bias gradient (or weight gradient without a bias), which say per unit.
         candidates = [_sustained(act_dead[:, i], DEAD_FRACTION)]
         has_bias = any(l.name == sibling(layer.name, "bias") for l in run.layers)
-        if not (len(layer.shape) >= 2 and has_bias):
+        if not (len(layer.shape) >= 2 and has_bias) and not _units_seen(run, layer.name, act_dead):
+            # Zero bias gradients say "no gradient reaches these units", which is also what units
+            # that fire see when every unit above them is dead: where the forward hooks measured
+            # the layer, they alone say whether its units fire.
             candidates.append(_sustained(zero[:, i], DEAD_FRACTION))
         found = [c for c in candidates if c is not None]
         if found:
@@ -610,6 +663,15 @@ def dead_units(run: RunLike) -> Finding | None:
         evidence=evidence,
         remedies=R.for_dead_units(),
     )
+
+
+def _units_seen(run: RunLike, name: str, act_dead: np.ndarray) -> bool:
+    """Whether the activation tap measured the units of ``name``'s layer (its weight or kernel)."""
+    for i, l in enumerate(run.layers):
+        if l.name in (name, sibling(name, "weight"), sibling(name, "kernel")) and len(l.shape) >= 2:
+            if np.isfinite(act_dead[:, i]).any():
+                return True
+    return False
 
 
 def _sustained(col: np.ndarray, threshold: float) -> tuple[float, int] | None:
@@ -852,7 +914,7 @@ def stalled(run: RunLike) -> Finding | None:
     )
 
 
-RULES = (nonfinite, exploding, no_gradient, vanishing, dead_units, saturated_units, output_layer, loss_spike, stalled)
+RULES = (nonfinite, exploding, no_gradient, ungraded_layers, vanishing, dead_units, saturated_units, output_layer, loss_spike, stalled)
 
 
 def run_rules(run: RunLike, rules: Sequence = RULES) -> list[Finding]:
@@ -861,4 +923,13 @@ def run_rules(run: RunLike, rules: Sequence = RULES) -> list[Finding]:
         f = rule(run)
         if f is not None:
             out.append(f)
+    # A stall the output layer explains (a constant output, an output/loss pair that cannot learn)
+    # is said once, with its cause, not again as a bare flat loss.
+    # A stall the output layer or a missing gradient explains (a constant output, an output/loss
+    # pair that cannot learn, no gradient at all) is said once, with its cause, not again as a bare
+    # flat loss whose remedy (a larger lr) cannot help.
+    explained = any(f.kind == "stalled_training" and f.layers for f in out) or any(
+        f.kind == "vanishing_gradients" and f.evidence.get("cause") and f.severity == "error" for f in out)
+    if explained:
+        out = [f for f in out if not (f.kind == "stalled_training" and not f.layers)]
     return out
