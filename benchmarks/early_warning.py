@@ -35,15 +35,22 @@ HEALTHY = ["healthy_warmup_cosine", "healthy_cosine_restarts", "healthy_noisy_sm
            "healthy_transformer_adamw", "healthy_relu_mlp_adam", "healthy_scaled_regression_sgd"]
 
 
-def exploding_step(run: gw.Run) -> int | None:
+def exploding_step(run: gw.Run) -> tuple[int | None, str]:
+    """(first step of the exploding_gradients finding, which signal set it)."""
     found = [f for f in gw.diagnose(run) if f.kind == "exploding_gradients" and f.severity in ("warning", "error")]
-    return found[0].first_step if found else None
+    if not found:
+        return None, ""
+    f = found[0]
+    ev = f.evidence
+    signal = ("sustained rise" if ev.get("sustained_rise_step") == f.first_step else
+              "100x crossing" if ev.get("threshold_crossing_step") == f.first_step else "update ratio or jump to non-finite")
+    return f.first_step, signal
 
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="gradwatch-early-"))
-    print("| run | first non-finite step | exploding_gradients flagged at | lead (steps) |")
-    print("|---|---|---|---|")
+    print("| run | first non-finite step | exploding_gradients flagged at | by | lead (steps) |")
+    print("|---|---|---|---|---|")
     leads = []
     for i, (name, kw) in enumerate(DIVERGING):
         out = root / f"div{i}"
@@ -52,17 +59,17 @@ def main() -> None:
         g = run.step_series("grad_norm")
         bad = np.flatnonzero(~np.isfinite(g))
         first_bad = int(run.steps[bad[0]]) if bad.size else None
-        flagged = exploding_step(run)
+        flagged, signal = exploding_step(run)
         lead = first_bad - flagged if first_bad is not None and flagged is not None else None
         leads.append(lead)
-        print(f"| {name} | {first_bad} | {flagged} | {lead} |")
+        print(f"| {name} | {first_bad} | {flagged} | {signal} | {lead} |")
     tripped = 0
     for name in HEALTHY:
         out = root / name
         S.SCENARIOS[name].train(out)
-        flagged = exploding_step(gw.load_run(out))
+        flagged, signal = exploding_step(gw.load_run(out))
         tripped += flagged is not None
-        print(f"| {name} (healthy) | — | {flagged if flagged is not None else 'not flagged'} | — |")
+        print(f"| {name} (healthy) | — | {flagged if flagged is not None else 'not flagged'} | {signal} | — |")
     ok = [x for x in leads if x is not None]
     print()
     print(f"diverging runs: {len(leads)}; flagged before the first non-finite value: {sum(x > 0 for x in ok)}; "

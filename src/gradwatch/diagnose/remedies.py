@@ -152,6 +152,8 @@ def for_output(head: Any, mismatch: Any) -> list[Remedy]:
     out: list[Remedy] = []
     if mismatch is not None:
         out.append(Remedy(*mismatch.remedy))
+        if head.family != "regression":
+            return out  # the pair is the cause: nothing else to try first
     if head.family == "regression":
         out.append(Remedy("scale_targets", {"method": "standardize"},
                           "standardised targets sit where any output activation can reach them and keep the loss's "

@@ -422,7 +422,11 @@ def no_gradient(run: RunLike) -> Finding | None:
         evidence.update(output_layer=h.name, output_activation=h.activation or "linear", output_units=h.units,
                         loss=h.loss, output_saturated_fraction=h.saturated, output_dead_fraction=h.dead,
                         output_constant_fraction=h.constant)
-    remedies = ([first_fix] if first_fix is not None else []) + [r for r in R.for_no_gradient(h) if first_fix is None or r.action != first_fix.action]
+    if cause in MISMATCH_CAUSES:  # the output/loss pair is the cause: its fix is the remedy
+        remedies = [first_fix] if first_fix is not None else []
+    else:
+        remedies = ([first_fix] if first_fix is not None else []) + [
+            r for r in R.for_no_gradient(h) if first_fix is None or r.action != first_fix.action]
     step = int(run.steps[row])
     span = f"({steps_zero} of {n} steps)" if row == 0 else f"from step {step} to the end ({steps_zero} of the last {n - row} steps)"
     return Finding(
@@ -471,6 +475,11 @@ def ungraded_layers(run: RunLike) -> Finding | None:
                          "find where the forward leaves autograd before these layers' output reaches the loss "
                          "(.detach(), .data, .item(), numpy round trips, torch.no_grad()).")],
     )
+
+
+#: Causes that are an output layer and loss that cannot learn together (facts.output_mismatch).
+MISMATCH_CAUSES = ("softmax_single_unit", "bounded_regression_output", "sigmoid_categorical",
+                   "probability_loss_on_linear_output")
 
 
 def _zero_gradient_cause(run: RunLike, h: Head | None) -> tuple[str, str, Remedy | None]:
