@@ -325,3 +325,15 @@ def test_a_small_unused_part_of_the_model_is_info() -> None:
     run.layer["grad_nonfinite"][:, -1] = np.nan
     f = findings(run)["vanishing_gradients"]
     assert f.severity == "info" and f.layers == ["pooler/kernel"]
+
+
+def test_every_finding_says_how_many_steps_it_saw() -> None:
+    run = fake(60, dense_net("ReLU", "Sigmoid"), loss="binary_crossentropy")
+    run.layer["act_dead_frac"][::2, 0] = 0.6
+    run.step["loss"][:] = 0.69 - 0.001 * np.arange(60)
+    run.step["loss"][40] = 50.0
+    run.step["grad_norm"][50:] = np.nan
+    run.layer["grad_nonfinite"][50:] = 1
+    fs = gw.diagnose(run)
+    assert {"dead_units", "nonfinite", "loss_spike"} <= {f.kind for f in fs}
+    assert all(f.evidence.get("steps_seen") == 60 for f in fs), [(f.kind, f.evidence.get("steps_seen")) for f in fs]

@@ -33,6 +33,7 @@ import gradwatch as gw  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from keras_matrix import PROGRAMS, first_nonfinite, recorded  # noqa: E402
+from test_diagnosis_matrix import confusion, precision_recall  # noqa: E402  (the same counting as the torch matrix)
 
 SERIOUS = ("warning", "error")
 #: How many steps before its first non-finite gradient norm a slow divergence must be flagged.
@@ -117,23 +118,6 @@ def matrix() -> list[Row]:
             ok = False
         rows.append(Row(name, p.cls, p.expect, serious(fs), ok, _seconds.get(name, float("nan"))))
     return rows
-
-
-def confusion(rows: list[Row]) -> dict[str, int]:
-    """As the torch matrix counts: a detection is a program with any warning or error."""
-    n = {"right": 0, "wrong": 0, "missed": 0, "flagged": 0, "clean": 0}
-    for r in rows:
-        if r.expect is None:
-            n["flagged" if r.found else "clean"] += 1
-        else:
-            n["right" if r.ok else ("wrong" if r.found else "missed")] += 1
-    return {"tp": n["right"], "fp": n["flagged"] + n["wrong"], "fn": n["wrong"] + n["missed"], "tn": n["clean"], **n}
-
-
-def precision_recall(c: dict[str, int]) -> tuple[float, float]:
-    precision = c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else 0.0
-    recall = c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else 0.0
-    return precision, recall
 
 
 def markdown(rows: list[Row]) -> str:

@@ -585,8 +585,9 @@ class Watch:
         if self._writer is None:
             if not self.quiet:
                 print(
-                    "gradwatch: no optimizer step was seen, so nothing was recorded "
-                    "(gradwatch records at torch.optim.Optimizer.step()).",
+                    "gradwatch: no optimizer step was watched, so nothing was recorded "
+                    "(gradwatch records at torch.optim.Optimizer.step() and Keras' optimizer.apply(); "
+                    "a 'not recording' line above says why an optimizer was left out).",
                     file=sys.stderr,
                 )
             return

@@ -23,8 +23,8 @@ EXCLUDED_FROM_FLOW = ("Embedding", "EmbeddingBag")
 SATURATING = ("Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid")
 #: Steps that make the "early" window in which vanishing, saturation and dead units are judged.
 EARLY_STEPS = 100
-#: A loss that fell by at least this share between the first and the last tenth of the run (a
-#: third of the steps at most) is "training well": a dead- or saturated-units finding (below its
+#: A loss that fell by at least this share between the first and the last tenth of the run is
+#: "training well": a dead- or saturated-units finding (below its
 #: error level) or an output-layer finding that comes with it is judged harmless (info). In the
 #: two scenario matrices the unhealthy runs of those kinds fall by at most 23% (tanh fed raw
 #: inputs), the healthy runs that have dead units by 96%; healthy runs without any fall by 25% and
@@ -291,8 +291,8 @@ def output_mismatch(h: Head) -> Mismatch | None:
 
 @dataclass(frozen=True)
 class Progress:
-    """How the loss moved: medians of the first and last tenth (at least 1, at most a third of the
-    steps) and the relative improvement between them."""
+    """How the loss moved: medians of the first and last tenth of its finite values (at least one
+    each, as the terminal summary reads them) and the relative improvement between them."""
 
     first: float
     last: float
@@ -315,7 +315,7 @@ def progress(run: RunLike) -> Progress | None:
     n = finite.size
     if n < 4:
         return None
-    k = max(1, min(n // 10, n // 3)) if n >= 10 else max(1, n // 3)
+    k = max(1, math.ceil(n * 0.1))  # as the terminal summary's "median of first/last 10%" reads it
     first, last = float(np.median(finite[:k])), float(np.median(finite[-k:]))
     if first <= 0:
         return Progress(first, last, math.nan, n)

@@ -169,6 +169,7 @@ def nonfinite(run: RunLike) -> Finding | None:
             "nonfinite_steps": count,
             "loss_at_first": float(loss[row]),
             "grad_norm_before": float(gnorm[row - 1]) if row > 0 else None,
+            "steps_seen": len(steps),
         },
         remedies=R.for_nonfinite(origin),
     )
@@ -884,6 +885,7 @@ def loss_spike(run: RunLike) -> Finding | None:
             "max_z": float(top[1]),
             "threshold_z": SPIKE_Z,
             "recovered_at_once": isolated,
+            "steps_seen": n,
         },
         remedies=R.for_loss_spike(),
     )
