@@ -87,6 +87,7 @@ class _Attached:
         #: which the layers ran, the loss function), so diagnosis can read them from the stored run.
         self.model_facts: dict[str, Any] = {}
         self.facts_written: dict[str, Any] = {}
+        self.facts_final = False
 
 
 class _NullStream:
@@ -485,12 +486,16 @@ class Watch:
     def _record_model_facts(self, att: _Attached) -> None:
         """Host-side facts the diagnosis reads (execution order, loss function) into meta.json,
         when they change; nothing here touches the device."""
+        if att.facts_final or not self.writes:
+            return
         facts = dict(att.model_facts)
         order = att.probe.execution_order
         if order:
             ids = self._writer.streams[att.stream.index]["layers"]  # type: ignore[union-attr]
             facts["execution_order"] = [ids[i] for i in order]
-        if facts == att.facts_written or not self.writes:
+        if order is not None and "loss" in facts:
+            att.facts_final = True  # both known: nothing more to learn at later windows
+        if facts == att.facts_written:
             return
         try:
             self._writer.streams[att.stream.index].update(facts)  # type: ignore[union-attr]

@@ -623,6 +623,8 @@ def dead_units(run: RunLike) -> Finding | None:
     zero = run.layer_series("grad_zero_frac")
     act_dead = run.layer_series("act_dead_frac")
     heads = head_layers(run)
+    tapped = _tapped_layers(run, act_dead)
+    names = {l.name for l in run.layers}
     dead: dict[str, tuple[float, int]] = {}
     for i, layer in enumerate(run.layers):
         if not layer.trainable or layer.module_type in EXCLUDED_FROM_FLOW or layer.numel < 2 or layer.name in heads:
@@ -632,8 +634,9 @@ def dead_units(run: RunLike) -> Finding | None:
         # Two witnesses: units whose pre-activation is never positive (forward hooks), and exact
         # zeros in the bias gradient (or weight gradient without a bias), which say per unit.
         candidates = [_sustained(act_dead[:, i], DEAD_FRACTION)]
-        has_bias = any(l.name == sibling(layer.name, "bias") for l in run.layers)
-        if not (len(layer.shape) >= 2 and has_bias) and not _units_seen(run, layer.name, act_dead):
+        has_bias = sibling(layer.name, "bias") in names
+        if not (len(layer.shape) >= 2 and has_bias) and not (
+                {layer.name, sibling(layer.name, "weight"), sibling(layer.name, "kernel")} & tapped):
             # Zero bias gradients say "no gradient reaches these units", which is also what units
             # that fire see when every unit above them is dead: where the forward hooks measured
             # the layer, they alone say whether its units fire.
@@ -643,7 +646,6 @@ def dead_units(run: RunLike) -> Finding | None:
             frac, row = max(found, key=lambda c: c[0])
             name = layer.name
             if last_part(name) == "bias":
-                names = {l.name for l in run.layers}
                 name = next((n for n in (sibling(name, "weight"), sibling(name, "kernel")) if n in names), name)
             if name not in dead or frac > dead[name][0]:
                 dead[name] = (frac, row)
@@ -675,13 +677,10 @@ def dead_units(run: RunLike) -> Finding | None:
     )
 
 
-def _units_seen(run: RunLike, name: str, act_dead: np.ndarray) -> bool:
-    """Whether the activation tap measured the units of ``name``'s layer (its weight or kernel)."""
-    for i, l in enumerate(run.layers):
-        if l.name in (name, sibling(name, "weight"), sibling(name, "kernel")) and len(l.shape) >= 2:
-            if np.isfinite(act_dead[:, i]).any():
-                return True
-    return False
+def _tapped_layers(run: RunLike, act_dead: np.ndarray) -> set[str]:
+    """Names of the weight layers whose units the activation tap measured."""
+    measured = np.isfinite(act_dead).any(axis=0) if act_dead.size else np.zeros(len(run.layers), bool)
+    return {l.name for i, l in enumerate(run.layers) if len(l.shape) >= 2 and measured[i]}
 
 
 def _sustained(col: np.ndarray, threshold: float) -> tuple[float, int] | None:
