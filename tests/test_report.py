@@ -148,3 +148,21 @@ def test_compare_puts_runs_side_by_side(tmp_path: Path) -> None:
     assert "none" in result.stdout and "a/run" in result.stdout and "b/run" in result.stdout
     html_text = page.read_text()
     assert html_text.count("data:image/png;base64,") == 2 and "<script" not in html_text
+
+
+def test_the_flow_heatmap_of_a_run_without_any_gradient_says_so() -> None:
+    """An all-zero run has nothing to colour: the plot says why instead of drawing an empty frame."""
+    import numpy as np
+
+    from gradwatch.report.plots import gradient_flow_heatmap
+    from gradwatch.store import LayerInfo
+    from test_diagnose import FakeRun
+
+    run = FakeRun(30, [LayerInfo("0.weight", (4, 2), 8, "Linear", None), LayerInfo("2.weight", (1, 4), 4, "Linear", "Softmax")])
+    run.layer["grad_rms"][:] = 0.0
+    run.step["grad_norm"][:] = 0.0
+    run.step["loss"][:] = 0.7
+    fig = gradient_flow_heatmap(run)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["every recorded gradient is exactly zero"]
+    assert np.allclose(fig.axes[0].get_xlim(), (0, 30))

@@ -99,6 +99,14 @@ def gradient_flow_heatmap(run: Run) -> Any:
         im = ax.imshow(values.T, aspect="auto", interpolation="nearest", cmap="magma",
                        extent=(steps[0], steps[-1] + 1, n_layers - 0.5, -0.5))
         fig.colorbar(im, ax=ax, label="log10 gradient RMS")
+    elif len(run.steps):
+        # Nothing to colour: say why instead of drawing an empty frame.
+        zero = np.isfinite(rms) & (rms == 0)
+        why = ("every recorded gradient is exactly zero" if zero.any() and not (np.isfinite(rms) & (rms > 0)).any()
+               else "no finite gradient was recorded")
+        ax.set_xlim(float(run.steps[0]), float(run.steps[-1]) + 1)
+        ax.set_ylim(n_layers - 0.5, -0.5)
+        ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", fontsize=11)
     bad = nonfinite_steps(run)
     if bad.size:
         ax.plot(bad, np.full(bad.shape, -0.5), "v", color="red", markersize=6, clip_on=False, label="non-finite")
