@@ -547,7 +547,8 @@ class Watch:
             raise GradwatchError(f"log(loss=...) takes a scalar; got a tensor of shape {tuple(loss.shape)}.")
         att = self._last or next(iter(self._attached.values()), None)
         if att is not None:
-            self._note_loss(att, loss_node(loss))
+            if "loss" not in att.model_facts:  # read once, not at every step
+                self._note_loss(att, loss_node(loss))
             att.probe.log_loss(loss)
 
     def stage_loss(self, loss: torch.Tensor, loss_fn: str | None = None) -> None:

@@ -115,13 +115,6 @@ def first_stream(run: RunLike) -> list[int]:
     return s[0] if s else []
 
 
-def layer_index(run: RunLike, name: str) -> int | None:
-    for i, l in enumerate(run.layers):
-        if l.name == name:
-            return i
-    return None
-
-
 # ---------------------------------------------------------------------------------- the loss
 
 

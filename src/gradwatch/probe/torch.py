@@ -359,7 +359,7 @@ def _flat_share(x: torch.Tensor, activation: str | None, space: str, unit_dim: i
     """(count, total) of the values that sit where the activation is flat, or None when it has no
     flat part (ReLU's is judged per unit, as dead units)."""
     if activation == "Softmax":
-        p = x if space == "post" else x.float().softmax(dim=unit_dim)
+        p = x if space == "post" else x.to(torch.float32).softmax(dim=unit_dim)
         top = p.amax(dim=unit_dim)
         return (top > SOFTMAX_SATURATED).sum(), top.numel()
     if space == "pre":
