@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = sub.add_parser("run", help="run a training script with monitoring attached to every optimizer it creates")
+    # allow_abbrev=False: a script option such as --clip must reach the script, not match --clip-norm.
+    run = sub.add_parser("run", allow_abbrev=False, help="run a training script with monitoring attached to every optimizer it creates")
     _add_watch_options(run)
     _add_guard_options(run)
     # For gradwatch doctor's trial runs (kept out of --help): stop after N steps, seed, remedies as JSON.
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_dirs", metavar="DIR", nargs="+", help="run directories written by gradwatch")
     cmp_.add_argument("--out", metavar="FILE", default="gradwatch-compare.html", help="the page to write (default gradwatch-compare.html)")
 
-    doc = sub.add_parser("doctor", help="diagnose a training script, try the remedies on it, and prove the best one")
+    doc = sub.add_parser("doctor", allow_abbrev=False, help="diagnose a training script, try the remedies on it, and prove the best one")
     doc.add_argument("--out", metavar="DIR", help="where the runs go (default: gradwatch-runs/doctor-NAME-TIME)")
     doc.add_argument("--steps", type=_positive_int, default=None, metavar="N",
                      help="optimizer steps per trial (default: the whole script)")

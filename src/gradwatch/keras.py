@@ -27,7 +27,7 @@ import torch
 from .errors import GradwatchError
 from .probe.torch import TapTarget, global_norm
 from .store import LayerInfo
-from .watch import Watch, default_out
+from .watch import Watch, claim, default_out, release
 
 try:
     import keras
@@ -263,6 +263,7 @@ class KerasAttachment:
         if wrap:
             self._original = optimizer.apply
             optimizer.apply = self._apply  # instance attribute: only this optimizer, undone by detach()
+            claim(optimizer, self)  # `gradwatch run`'s Keras hooks leave it to this callback
 
     def before(self, grads: Any, variables: Any = None) -> None:
         """The optimizer is about to apply ``grads``. They are what is recorded: the probe reads
@@ -330,6 +331,7 @@ class KerasAttachment:
         probe.record_guards(after, after / probe.last_global_norm(), threshold, False, False)
 
     def detach(self) -> None:
+        release(self.optimizer, self)
         if self.optimizer.__dict__.get("apply") == self._apply:
             del self.optimizer.apply
         if self._model is not None and "_compute_loss" in self._model.__dict__:

@@ -11,6 +11,11 @@ more when the optimizer has stepped (the gradients are still the clipped ones) a
 Each flushed window is also logged through the trainer's logger (``gradwatch/grad_norm``,
 ``gradwatch/grad_norm_clipped``, ``gradwatch/loss``) from numbers already on the host: no extra
 device synchronisation.
+
+``gradwatch run`` adds this callback to every ``Trainer`` a script builds (``watch=`` the runner's
+watch), so an unmodified Lightning script is recorded at the same points. The callback claims the
+trainer's optimizers on every rank (:func:`gradwatch.watch.claim`), so the runner's global
+optimizer hooks, which would read the gradients one step late, leave them alone.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from .errors import GradwatchError
 from .store import Chunk
-from .watch import Watch, default_out, refuse_rank0_guards
+from .watch import Watch, claim, default_out, refuse_rank0_guards, release
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -43,16 +48,25 @@ class GradWatch(Callback):
     Args:
         out: run directory (default ``gradwatch-runs/lightning-TIME``).
         log_to_logger: also log the per-step norms and loss through ``trainer.logger``.
+        watch: record into this open :class:`gradwatch.Watch` instead of starting a run per fit; it
+            stays open after the fit (its owner closes it). ``gradwatch run`` passes its own.
         **watch_options: passed to :class:`gradwatch.Watch` (``flush_every``, ``sample_every``,
             ``guards``, ``report``, ``quiet``, ...).
     """
 
-    def __init__(self, out: str | os.PathLike[str] | None = None, *, log_to_logger: bool = True, **watch_options: Any):
+    def __init__(self, out: str | os.PathLike[str] | None = None, *, log_to_logger: bool = True,
+                 watch: Watch | None = None, **watch_options: Any):
         super().__init__()
+        if watch is not None and (out is not None or watch_options):
+            raise GradwatchError("GradWatch(watch=...) records into that watch, whose directory and options are "
+                                 "set already; pass either watch= or out= and options, not both.")
         self.out = out
         self.log_to_logger = log_to_logger
         self.watch_options = watch_options
+        self._given = watch
         self.watch: Watch | None = None
+        self._claimed: list[Any] = []
+        self._removers: list[Any] = []
         self._trainer: Any = None
         self._handles: list[Any] = []
         self._clip: float | None = None
@@ -64,33 +78,41 @@ class GradWatch(Callback):
     # -- lifecycle --------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Any, pl_module: torch.nn.Module) -> None:
-        refuse_rank0_guards(self.watch_options.get("guards"), trainer.world_size, "gradwatch.lightning.GradWatch",
-                            "Lightning's gradient_clip_val")
+        guards = self._given.guards if self._given is not None else self.watch_options.get("guards")
+        refuse_rank0_guards(guards, trainer.world_size, "gradwatch.lightning.GradWatch", "Lightning's gradient_clip_val")
+        for opt in trainer.optimizers:  # on every rank: `gradwatch run`'s global hooks leave them to this callback
+            claim(opt, self)
+            self._claimed.append(opt)
         if trainer.global_rank != 0:
             return  # one writer per run: rank 0 (other ranks see the same all-reduced gradients)
         self._trainer = trainer
         self._fits += 1
-        out = self.out if self.out is not None else default_out("lightning")
-        if self.out is not None and self._fits > 1:  # fit() again with the same callback: a new run beside it
-            out = f"{self.out}-{self._fits}"
         self._loss_sum, self._stepped = None, False
-        self.watch = Watch(pl_module, out=out, _lazy=True, **self.watch_options)
-        self.watch.reduce_ranks = False  # only rank 0 records (no collective may run on it alone)
-        self.watch._print_summary = not self.watch.quiet
-        self.watch.window_listeners.append(self._log_window)
+        if self._given is not None:
+            if self._given.closed:
+                raise GradwatchError("GradWatch(watch=...) was given a watch that is closed; give it an open one.")
+            self.watch = self._given
+        else:
+            out = self.out if self.out is not None else default_out("lightning")
+            if self.out is not None and self._fits > 1:  # fit() again with the same callback: a new run beside it
+                out = f"{self.out}-{self._fits}"
+            self.watch = Watch(pl_module, out=out, _lazy=True, **self.watch_options)
+            self.watch._print_summary = not self.watch.quiet
         clip = trainer.gradient_clip_val
         self._clip = float(clip) if clip else None
         for opt in trainer.optimizers:
-            self.watch.add_optimizer(opt, pl_module, hooks=False)
+            # Only rank 0 records (no collective may run on it alone); the loss comes from the batch's outputs.
+            self.watch.add_optimizer(opt, pl_module, hooks=False, reduce_ranks=False, own_loss=True)
             self._handles.append(opt.register_step_post_hook(lambda o, a, k: self._after_step(o)))
+            self._removers.append(self.watch.add_window_listener(self._log_window, opt))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if self.watch is not None and id(optimizer) in self.watch._attached:
+        if self.watch is not None and self.watch.watches(optimizer):
             self.watch.on_before_optimizer_step(optimizer)
 
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
         w = self.watch
-        if w is None or id(optimizer) not in w._attached:
+        if w is None or not w.watches(optimizer):
             return
         att = w._attached[id(optimizer)]
         if self._clip is not None and not att.failed and att.guards is None:
@@ -141,8 +163,17 @@ class GradWatch(Callback):
         self._handles = []
         if self.watch is not None:
             w, self.watch = self.watch, None
-            w.close(status=status)
-            self._findings = w.findings
+            if w is not self._given:
+                w.close(status=status)
+                self._findings = w.findings
+            else:  # a given watch stays open (its owner closes it); the fit's last steps reach the logger now
+                for opt in self._claimed:
+                    if w.watches(opt):
+                        w.flush(opt)
+        while self._removers:
+            self._removers.pop()()
+        while self._claimed:
+            release(self._claimed.pop(), self)
 
     def on_fit_end(self, trainer: Any, pl_module: torch.nn.Module) -> None:
         self._close("finished")
@@ -152,8 +183,8 @@ class GradWatch(Callback):
 
     @property
     def findings(self) -> list[Any]:
-        """The findings of the last fit (after it ended)."""
-        return self._findings
+        """The findings of the last fit (after it ended); with ``watch=``, that watch's."""
+        return self._given.findings if self._given is not None else self._findings
 
     def teardown(self, trainer: Any, pl_module: torch.nn.Module, stage: str) -> None:
         self._close("finished")

@@ -39,6 +39,11 @@ Trainer has no exception event: a ``train()`` that raises leaves the run open; i
 ``crashed`` (``interrupted`` for Ctrl-C) when the interpreter exits on that exception, or when the
 next ``train()`` with the same callback begins. fp16 steps whose loss scale overflowed (the scaler
 skips them) are recorded as they are, with non-finite gradients.
+
+``gradwatch run`` adds this callback to every ``Trainer`` a script builds (``watch=`` the runner's
+watch) unless the script gave one; the callback claims the torch optimizer on every rank
+(:func:`gradwatch.watch.claim`), so the runner's global optimizer hooks, which would only see the
+clipped gradients, leave it alone.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from typing import Any
 import torch
 
 from .errors import GradwatchError
-from .watch import Watch, default_out, refuse_rank0_guards
+from .watch import Watch, claim, default_out, refuse_rank0_guards, release
 
 try:
     from transformers import TrainerCallback
@@ -81,14 +86,22 @@ class GradWatchCallback(TrainerCallback):
             fraction of those steps whose norm was above ``max_grad_norm``. They are kept on the
             device and read once per log, when the Trainer reads its own loss. For the loggers to
             see them the callback moves itself ahead of them in the Trainer's callback list.
+        watch: record into this open :class:`gradwatch.Watch` instead of starting a run per
+            ``train()``; it stays open afterwards (its owner closes it). ``gradwatch run`` passes its own.
         **watch_options: passed to :class:`gradwatch.Watch` (``flush_every``, ``sample_every``,
             ``guards``, ``report``, ``quiet``, ...).
 
     After ``train()``: ``callback.findings`` holds the diagnosis and ``callback.run_dir`` the run.
     """
 
-    def __init__(self, out: str | os.PathLike[str] | None = None, *, log_to_trainer: bool = True, **watch_options: Any):
+    def __init__(self, out: str | os.PathLike[str] | None = None, *, log_to_trainer: bool = True,
+                 watch: Watch | None = None, **watch_options: Any):
         super().__init__()
+        if watch is not None and (out is not None or watch_options):
+            raise GradwatchError("GradWatchCallback(watch=...) records into that watch, whose directory and options "
+                                 "are set already; pass either watch= or out= and options, not both.")
+        self._given = watch
+        self._claimed: Any = None
         self.out = out
         self.log_to_trainer = log_to_trainer
         self.watch_options = watch_options
@@ -110,20 +123,29 @@ class GradWatchCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close("crashed")  # a previous train() that raised never reached on_train_end
-        refuse_rank0_guards(self.watch_options.get("guards"), getattr(args, "world_size", 1),
+        guards = self._given.guards if self._given is not None else self.watch_options.get("guards")
+        refuse_rank0_guards(guards, getattr(args, "world_size", 1),
                             "gradwatch.transformers.GradWatchCallback", "the Trainer's max_grad_norm")
+        model, optimizer = kwargs.get("model"), _torch_optimizer(kwargs.get("optimizer"))
+        if optimizer is not None:  # on every rank: `gradwatch run`'s global hooks leave it to this callback
+            claim(optimizer, self)
+            self._claimed = optimizer
         if not state.is_world_process_zero:
             return  # one writer per run (other ranks see the same all-reduced gradients)
-        model, optimizer = kwargs.get("model"), _torch_optimizer(kwargs.get("optimizer"))
+        quiet = self._given.quiet if self._given is not None else self.watch_options.get("quiet", False)
         if optimizer is None:
-            if not self.watch_options.get("quiet", False):
+            if not quiet:
                 print("gradwatch: the Trainer passed no torch optimizer to its callbacks; nothing is recorded.",
                       file=sys.stderr)
             return
-        out = self.out if self.out is not None else default_out("transformers")
-        self.watch = Watch(model, out=out, _lazy=True, **self.watch_options)
-        self.watch.reduce_ranks = False  # only the main process records (no collective may run on it alone)
-        self.watch._print_summary = not self.watch.quiet
+        if self._given is not None:
+            if self._given.closed:
+                raise GradwatchError("GradWatchCallback(watch=...) was given a watch that is closed; give it an open one.")
+            self.watch = self._given
+        else:
+            out = self.out if self.out is not None else default_out("transformers")
+            self.watch = Watch(model, out=out, _lazy=True, **self.watch_options)
+            self.watch._print_summary = not self.watch.quiet
         self.run_dir = self.watch.out
         self._opt = optimizer
         clip = args.max_grad_norm
@@ -133,32 +155,39 @@ class GradWatchCallback(TrainerCallback):
         self._fallback_said = False
         self._acc_max = self._acc_clipped = None
         self._acc_steps = 0
-        self.watch.add_optimizer(optimizer, model, hooks=False)
+        # Only the main process records (no collective may run on it alone); the loss comes from the logs.
+        self.watch.add_optimizer(optimizer, model, hooks=False, reduce_ranks=False, own_loss=True)
         trainer = _find_trainer(self)
         if trainer is not None:
             self._wrap_unscale(trainer)
             if self.log_to_trainer:
                 _move_ahead_of_loggers(self, trainer.callback_handler.callbacks)
         self._describe(args, BEFORE_CLIPPING if self._unwrap is not None else AFTER_CLIPPING)
-        atexit.register(self._at_exit)
+        if self.watch is not self._given:
+            atexit.register(self._at_exit)  # a given watch's owner closes it, also after a crash
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close("finished")
 
     @property
     def findings(self) -> list[Any]:
-        """The :class:`~gradwatch.diagnose.Finding` list of the last ``train()`` (after it ended)."""
-        return self._findings
+        """The :class:`~gradwatch.diagnose.Finding` list of the last ``train()`` (after it ended);
+        with ``watch=``, that watch's."""
+        return self._given.findings if self._given is not None else self._findings
 
     def _close(self, status: str) -> None:
         if self._unwrap is not None:
             unwrap, self._unwrap = self._unwrap, None
             unwrap()
         atexit.unregister(self._at_exit)
+        if self._claimed is not None:
+            release(self._claimed, self)
+            self._claimed = None
         if self.watch is not None:
             w, self.watch = self.watch, None
-            w.close(status=status)
-            self._findings = w.findings
+            if w is not self._given:  # a given watch stays open: its owner closes it
+                w.close(status=status)
+                self._findings = w.findings
         self._opt = None
 
     def _at_exit(self) -> None:
@@ -212,9 +241,9 @@ class GradWatchCallback(TrainerCallback):
                           f"(max_grad_norm={self._clip:g}): grad_norm and the layer statistics are of the "
                           "clipped gradients.", file=sys.stderr)
             w.on_before_optimizer_step(self._opt)
-        att = w._attached.get(id(self._opt))
-        if att is None or att.failed:
+        if not w.watches(self._opt):
             return
+        att = w._attached[id(self._opt)]
         try:
             if self._clip is not None and att.guards is None:
                 self._record_clipping(att, measured=before)
@@ -225,7 +254,7 @@ class GradWatchCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         w = self.watch
-        if w is not None and self._opt is not None and id(self._opt) in w._attached:
+        if w is not None and self._opt is not None and w.watches(self._opt):
             w.on_after_optimizer_step(self._opt)
 
     @torch.no_grad()
@@ -282,19 +311,12 @@ class GradWatchCallback(TrainerCallback):
     def _describe(self, args: Any, recorded: str) -> None:
         """Say in the stream's meta.json entry where in the Trainer's step the gradients were read."""
         self._recorded_at = recorded
-        w = self.watch
-        try:
-            att = w._attached[id(self._opt)]
-            writer = w._writer
-            writer.streams[att.stream.index]["trainer"] = {
-                "framework": "transformers.Trainer",
-                "recorded": recorded,
-                "max_grad_norm": self._clip,
-                "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
-            }
-            writer.update_meta()
-        except Exception:  # a note in meta.json is not worth a failed run
-            pass
+        self.watch.describe_stream(self._opt, trainer={
+            "framework": "transformers.Trainer",
+            "recorded": recorded,
+            "max_grad_norm": self._clip,
+            "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+        })
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:

@@ -88,6 +88,12 @@ class _Attached:
         self.model_facts: dict[str, Any] = {}
         self.facts_written: dict[str, Any] = {}
         self.facts_final = False
+        #: Whether the loss the runner captures at backward() is this stream's (a trainer callback
+        #: logs its own loss instead).
+        self.takes_staged_loss = True
+        #: optimizer.step(closure): "waiting" until the closure has computed this step's gradients.
+        self.closure_state: str | None = None
+        self.closure_said = False
 
 
 class _NullStream:
@@ -231,8 +237,8 @@ class Watch:
         self._print_summary = not _lazy  # the CLI prints a fuller one for `gradwatch run`
         self.tensorboard = Path(tensorboard) if tensorboard is not None else None
         self._windows = 0
-        #: Called with each flushed window after it is stored (integrations log from it; no device read).
-        self.window_listeners: list[Any] = []
+        #: (optimizer id or None for every stream, listener): see add_window_listener.
+        self._listeners: list[tuple[int | None, Any]] = []
         self._announced: set[str] = set()
         self._findings: list[Any] | None = None
         self._closed = False
@@ -289,6 +295,8 @@ class Watch:
         layer_table: tuple[list[LayerInfo], list[torch.Tensor]] | None = None,
         tap_targets: Sequence[Any] | None = None,
         loss: str | None = None,
+        reduce_ranks: bool | None = None,
+        own_loss: bool = False,
     ) -> _Attached:
         """Start a stream for ``optimizer``; with ``hooks``, register its step hooks.
 
@@ -297,7 +305,14 @@ class Watch:
         the one built from module paths (Keras names its variables itself). ``tap_targets``
         (:class:`~gradwatch.probe.torch.TapTarget`) replaces the Linear/Conv modules whose outputs the
         activation tap reads; ``loss`` names the loss function when the framework knows it (else it
-        is read from the logged loss tensor's autograd node).
+        is read from the logged loss tensor's autograd node). ``reduce_ranks`` overrides the watch's
+        own setting for this stream; ``own_loss`` says the caller logs this stream's loss itself
+        (a trainer callback), so the loss ``gradwatch run`` captures at ``backward()`` is not used.
+
+        Without ``hooks`` the caller drives the stream (:meth:`step_pre_hook` and
+        :meth:`step_post_hook`, or :meth:`on_before_optimizer_step` and
+        :meth:`on_after_optimizer_step`); with them, the watch claims the optimizer (see
+        :func:`claim`), so that ``gradwatch run``'s global hooks leave it to this watch.
         """
         if self._closed:
             raise GradwatchError("this watch is closed; start a new gradwatch.watch(...) to record again.")
@@ -339,7 +354,8 @@ class Watch:
                                tap_targets=tap_targets)
         if loss is not None:
             att.model_facts["loss"] = loss
-        att.probe.reduce_ranks = self.reduce_ranks
+        att.probe.reduce_ranks = self.reduce_ranks if reduce_ranks is None else reduce_ranks
+        att.takes_staged_loss = not own_loss
         if self._guards:
             # The first optimizer uses the guard objects given (so their counters can be read back).
             guards = self._guards if not self._attached else copy.deepcopy(self._guard_templates)
@@ -348,10 +364,88 @@ class Watch:
             att.guards = GuardChain(guards, setup)
             att.probe.keep_step_inputs = True
         if hooks:
-            att.handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self.on_before_optimizer_step(opt)))
-            att.handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self.on_after_optimizer_step(opt)))
+            att.handles.append(optimizer.register_step_pre_hook(self.step_pre_hook))
+            att.handles.append(optimizer.register_step_post_hook(self.step_post_hook))
+            claim(optimizer, self)
         self._attached[key] = att
         return att
+
+    def watches(self, optimizer: Any) -> bool:
+        """Whether this watch records ``optimizer`` (a stream was started for it and is still recording)."""
+        att = self._attached.get(id(optimizer))
+        return att is not None and att.optimizer is optimizer and not att.failed and not self._closed
+
+    def describe_stream(self, optimizer: Any, **fields: Any) -> None:
+        """Add ``fields`` to ``optimizer``'s stream entry in meta.json: where and how its steps are
+        recorded (a trainer's recording point, clipping the script does itself)."""
+        att = self._attached.get(id(optimizer))
+        if att is None or not self.writes or self._writer is None:
+            return
+        try:
+            self._writer.streams[att.stream.index].update(fields)
+            self._writer.update_meta()
+        except Exception as e:  # a note in meta.json is not worth a failed run
+            print(f"gradwatch: could not note {', '.join(fields)} in meta.json ({type(e).__name__}: {e}).", file=sys.stderr)
+
+    def add_window_listener(self, listener: Any, optimizer: Any = None) -> Any:
+        """Call ``listener(chunk)`` with each window stored from now on: of ``optimizer``'s stream, or
+        of every stream. Host data only (integrations log from it; no device read). Returns a
+        function that removes the listener again."""
+        entry = (None if optimizer is None else id(optimizer), listener)
+        self._listeners.append(entry)
+
+        def remove() -> None:
+            if entry in self._listeners:
+                self._listeners.remove(entry)
+
+        return remove
+
+    # -- torch step hooks (a watch's own, and the runner's global ones) ------------------------------
+
+    def step_pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """A torch optimizer step pre-hook. A plain ``step()``: record now. ``step(closure)`` (LBFGS,
+        Lightning, any closure loop): the gradients do not exist yet — the closure computes them
+        inside the step — so the closure is wrapped and the step is recorded right after its
+        first call returns, before the optimizer uses them; the closure's loss is the step's."""
+        att = self._attached.get(id(optimizer))
+        if att is None or att.failed or self._closed:
+            return None
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if closure is None:
+            att.closure_state = None
+            self.on_before_optimizer_step(optimizer)
+            return None
+        att.closure_state = "waiting"
+
+        def closure_then_record(*a: Any, **k: Any) -> Any:
+            result = closure(*a, **k)
+            if att.closure_state == "waiting":
+                att.closure_state = "recorded"
+                if isinstance(result, torch.Tensor) and result.numel() == 1 and result.is_floating_point():
+                    self.stage_loss(result.detach(), loss_node(result))
+                with torch.no_grad():
+                    self.on_before_optimizer_step(optimizer)
+            return result
+
+        if len(args) > 1:
+            return (args[0], closure_then_record, *args[2:]), kwargs
+        return args, {**kwargs, "closure": closure_then_record}
+
+    def step_post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
+        """A torch optimizer step post-hook (see :meth:`step_pre_hook`)."""
+        att = self._attached.get(id(optimizer))
+        if att is None or att.failed or self._closed:
+            return
+        if att.closure_state == "waiting":  # the optimizer was given a closure and never called it
+            att.closure_state = None
+            if not att.closure_said and not self.quiet:
+                att.closure_said = True
+                print(f"gradwatch: {type(optimizer).__name__}.step(closure) returned without calling its "
+                      "closure, so its gradients were never computed at a point gradwatch could read; "
+                      "such steps are not recorded.", file=sys.stderr)
+            return
+        att.closure_state = None
+        self.on_after_optimizer_step(optimizer)
 
     # -- hook points (per-instance hooks and the runner's global hooks both land here) ------------
 
@@ -392,8 +486,9 @@ class Watch:
     def _probe_step(self, att: _Attached) -> None:
         """Queue this step's statistics, with the loss the runner captured for it."""
         if self._staged_loss is not None:
-            self._note_loss(att, self._staged_loss_fn)
-            att.probe.stage_loss(self._staged_loss)
+            if att.takes_staged_loss:
+                self._note_loss(att, self._staged_loss_fn)
+                att.probe.stage_loss(self._staged_loss)
             self._staged_loss = None
         att.probe.on_before_optimizer_step(_current_lr(att.optimizer))
 
@@ -471,7 +566,9 @@ class Watch:
         self._record_model_facts(att)
         if att.guards is not None:
             att.guards.on_window(chunk)
-        for listener in self.window_listeners:
+        for key, listener in list(self._listeners):
+            if key is not None and key != id(att.optimizer):
+                continue
             try:
                 listener(chunk)
             except Exception as e:  # a logger must not cost the record
@@ -557,16 +654,17 @@ class Watch:
         self._staged_loss = loss
         self._staged_loss_fn = loss_fn
 
-    def flush(self) -> None:
-        """Write every buffered step to the run directory now (one device->host copy per stream).
+    def flush(self, optimizer: Any = None) -> None:
+        """Write every buffered step to the run directory now (one device->host copy per stream);
+        with ``optimizer``, only that optimizer's stream.
 
         Under torch.distributed every rank must call it (it sums the window over the ranks)."""
-        self._flush(reduce=True)
+        self._flush(reduce=True, only=None if optimizer is None else id(optimizer))
 
-    def _flush(self, reduce: bool) -> None:
+    def _flush(self, reduce: bool, only: int | None = None) -> None:
         with shutdown.critical:
-            for att in self._attached.values():
-                if not att.failed:
+            for key, att in self._attached.items():
+                if not att.failed and (only is None or key == only):
                     att.probe.flush(reduce=reduce)
 
     def detach(self) -> None:
@@ -576,6 +674,7 @@ class Watch:
                 h.remove()
             att.handles.clear()
             att.probe.remove_hooks()
+            release(att.optimizer, self)
 
     def close(self, status: str = "finished") -> None:
         """Detach, flush what is buffered, and mark the run ``finished`` (or ``crashed``)."""
@@ -589,7 +688,7 @@ class Watch:
         self._closed = True
         self.detach()
         if self._writer is None:
-            if not self.quiet:
+            if not self.quiet and self.writes:
                 print(
                     "gradwatch: no optimizer step was watched, so nothing was recorded "
                     "(gradwatch records at torch.optim.Optimizer.step() and Keras' optimizer.apply(); "
@@ -704,6 +803,15 @@ class Watch:
     # -- results ----------------------------------------------------------------------------------
 
     @property
+    def guards(self) -> list[Guard]:
+        """The guards given to this watch (each stream runs its own copy)."""
+        return list(self._guards)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def attached(self) -> bool:
         return bool(self._attached) and not self._closed
 
@@ -736,6 +844,32 @@ class Watch:
         from .diagnose import diagnose
 
         return diagnose(self.run)
+
+
+# ------------------------------------------------------------------- who records which optimizer
+
+_claims: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def claim(optimizer: Any, owner: Any) -> None:
+    """Say that ``owner`` — a watch's own hooks, a trainer callback (on every rank, also where it
+    does not write) — records ``optimizer``'s steps, so that ``gradwatch run``'s global optimizer
+    hooks stand down for it instead of recording it a second time."""
+    _claims[optimizer] = owner
+
+
+def release(optimizer: Any, owner: Any) -> None:
+    """Take back ``owner``'s claim on ``optimizer`` (its recording has ended)."""
+    if claimed_by(optimizer) is owner:
+        del _claims[optimizer]
+
+
+def claimed_by(optimizer: Any) -> Any:
+    """Who claimed ``optimizer`` (see :func:`claim`), or None."""
+    try:
+        return _claims.get(optimizer)
+    except TypeError:  # not weakly referenceable: no one could have claimed it
+        return None
 
 
 def refuse_rank0_guards(guards: Any, world_size: int, callback: str, framework_clip: str) -> None:
