@@ -144,6 +144,20 @@ def test_gradwatch_run_attaches_to_an_unmodified_keras_script(tmp_path: Path) ->
     assert "vanishing_gradients" in {f.kind for f in run.findings}
 
 
+def test_under_gradwatch_run_a_keras_callback_of_the_scripts_own_is_not_doubled(tmp_path: Path, capsys) -> None:
+    from gradwatch import runner
+
+    script = tmp_path / "keras_own.py"
+    own = tmp_path / "own"
+    script.write_text(SCRIPT.replace("epochs=8, verbose=0)", f"epochs=2, verbose=0, callbacks=[GradWatch(out={str(own)!r}, "
+                                     "quiet=True, report=False)])").replace("import keras\n", "import keras\n"
+                                     "from gradwatch.keras import GradWatch\n"))
+    code, _ = runner.run_script(str(script), out=tmp_path / "r", report=False)
+    assert code == 0 and len(gw.load_run(own).steps) == 2 * 32
+    assert not (tmp_path / "r").exists()  # the runner's Keras hooks left the optimizer to the callback
+    assert "the script records its optimizers itself" in capsys.readouterr().err
+
+
 def test_a_legacy_h5_model_loads_and_is_watched(tmp_path: Path) -> None:
     keras.utils.set_random_seed(3)
     model = make_mlp("tanh", "glorot_uniform", "legacy")

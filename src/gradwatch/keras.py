@@ -237,6 +237,9 @@ def find_keras_model(variables: list[Any], optimizer: Any = None) -> Any:
 class KerasAttachment:
     """Wraps one Keras optimizer's ``apply`` so that a watch sees every step it takes."""
 
+    #: How ``gradwatch run`` names the owner of an optimizer it leaves to this attachment.
+    owner_name = "gradwatch.keras.GradWatch"
+
     def __init__(self, watch: Watch, model: Any, optimizer: Any, variables: list[Any] | None = None, *, wrap: bool = True):
         _check_backend()
         if getattr(watch, "_guards", None):

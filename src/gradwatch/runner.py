@@ -184,10 +184,11 @@ class _KerasHooks:
     each optimizer's first apply starts a stream for the Keras model that owns its variables.
     An optimizer that a ``gradwatch.keras.GradWatch`` callback of the script's own records is left to it."""
 
-    def __init__(self, watch: Watch):
+    def __init__(self, watch: Watch, others: dict[int, Any] | None = None):
         self._watch = watch
         self._attached: dict[int, Any] = {}
         self._refused: set[int] = set()
+        self._others = others if others is not None else {}
         self._imports = _AfterImport({"keras.src.optimizers.base_optimizer": self._patch})
 
     def __enter__(self) -> "_KerasHooks":
@@ -215,8 +216,10 @@ class _KerasHooks:
 
     def _attachment(self, opt: Any, variables: Any) -> Any:
         key = id(opt)
-        if claimed_by(getattr(opt, "inner_optimizer", None) or opt) is not None:
-            return None  # the script's own callback records it
+        owner = claimed_by(getattr(opt, "inner_optimizer", None) or opt)
+        if owner is not None:  # the script's own callback records it
+            self._others[id(owner)] = owner
+            return None
         if key in self._attached or key in self._refused:
             return self._attached.get(key)
         try:
@@ -503,7 +506,7 @@ def run_script(
                 stack.enter_context(treatment)  # first: its hooks run before the watch's
             hooks = stack.enter_context(_GlobalHooks(w, max_steps))
             stack.enter_context(_ClipNotice(hooks))
-            stack.enter_context(_KerasHooks(w))
+            stack.enter_context(_KerasHooks(w, hooks.others))
             stack.enter_context(_TrainerHooks(w))
             stack.enter_context(_LossCapture(w))
             try:
@@ -547,4 +550,5 @@ def _describe_owner(owner: Any) -> str:
     out = getattr(owner, "out", None)
     if out is None:
         out = getattr(getattr(owner, "watch", None), "out", None)
-    return f"{type(owner).__name__} -> {out}" if out is not None else type(owner).__name__
+    name = getattr(owner, "owner_name", type(owner).__name__)
+    return f"{name} -> {out}" if out is not None else name
