@@ -17,6 +17,7 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.diagnose import diagnose
+from gradwatch.watch import claimed_by
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker  # noqa: E402
@@ -299,13 +300,18 @@ def test_framework_callbacks_refuse_guards_with_several_processes() -> None:
     from gradwatch.lightning import GradWatch
     from gradwatch.transformers import GradWatchCallback
 
-    trainer = SimpleNamespace(world_size=2, global_rank=1, gradient_clip_val=None)
+    model = deep_sigmoid_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SimpleNamespace(world_size=2, global_rank=1, gradient_clip_val=None, optimizers=[opt])
     with pytest.raises(GradwatchError, match="replicas would drift apart"):
-        GradWatch(guards=[gw.guards.ClipNorm(1.0)]).on_fit_start(trainer, deep_sigmoid_mlp())
+        GradWatch(guards=[gw.guards.ClipNorm(1.0)]).on_fit_start(trainer, model)
     with pytest.raises(GradwatchError, match="replicas would drift apart"):
         GradWatchCallback(guards=[gw.guards.ClipNorm(1.0)]).on_train_begin(
             SimpleNamespace(world_size=2), SimpleNamespace(is_world_process_zero=False), SimpleNamespace())
-    # Without guards, a rank other than 0 simply records nothing.
+    # Without guards, a rank other than 0 records nothing, but claims the optimizer, so that
+    # `gradwatch run`'s global hooks do not record it there (and start a reduction rank 0 never joins).
     cb = GradWatch()
-    cb.on_fit_start(trainer, deep_sigmoid_mlp())
-    assert cb.watch is None
+    cb.on_fit_start(trainer, model)
+    assert cb.watch is None and claimed_by(opt) is cb
+    cb.teardown(trainer, model, "fit")
+    assert claimed_by(opt) is None

@@ -242,3 +242,37 @@ def test_a_script_that_clips_before_step_is_told_its_norms_are_the_clipped_ones(
     assert err.count("the script clips SGD's gradients itself (clip_grad_norm_, max_norm=1)") == 1
     assert "--clip-norm 1" in err
     assert run.streams[0]["script_clipping"] == {"function": "clip_grad_norm_", "max_norm": 1.0}
+
+
+def test_a_subclass_step_calling_super_step_is_one_recorded_step(tmp_path: Path) -> None:
+    """torch hooks each optimizer class's step() once one of its instances exists: a subclass whose
+    step() calls super().step() then fires the hooks twice per step; it is recorded once."""
+    torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)  # SGD.step is hooked from here on
+
+    class Sub(torch.optim.SGD):
+        def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+            return super().step(closure)
+
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    opt = Sub(model.parameters(), lr=0.1)
+    x = torch.randn(4, 2)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with gw.watch(model, opt, out=tmp_path / "run", quiet=True, report=False) as w:
+        for _ in range(3):
+            closure()
+            opt.step()
+        for _ in range(2):
+            opt.step(closure)
+        with pytest.raises(ZeroDivisionError):  # a step that raises is not recorded; the next ones are
+            opt.step(lambda: 1 / 0)
+        closure()
+        opt.step()
+    np.testing.assert_array_equal(gw.load_run(tmp_path / "run").steps, np.arange(6))
+    assert w.steps == 6

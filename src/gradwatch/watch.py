@@ -94,6 +94,8 @@ class _Attached:
         #: optimizer.step(closure): "waiting" until the closure has computed this step's gradients.
         self.closure_state: str | None = None
         self.closure_said = False
+        #: The frame of torch's hooked step() this stream is inside (see Watch.step_pre_hook).
+        self.step_frame: Any = None
 
 
 class _NullStream:
@@ -410,6 +412,11 @@ class Watch:
         att = self._attached.get(id(optimizer))
         if att is None or att.failed or self._closed:
             return None
+        if att.step_frame is not None and _frame_is_active(att.step_frame):
+            # A step() inside this optimizer's step(): a subclass calling super().step(), when torch
+            # has hooked both classes' step. The outer call records it, once.
+            return None
+        att.step_frame = _torch_step_frame()
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if closure is None:
             att.closure_state = None
@@ -436,6 +443,9 @@ class Watch:
         att = self._attached.get(id(optimizer))
         if att is None or att.failed or self._closed:
             return
+        if att.step_frame is not None and _torch_step_frame() is not att.step_frame:
+            return  # the end of a nested step() (see step_pre_hook)
+        att.step_frame = None
         if att.closure_state == "waiting":  # the optimizer was given a closure and never called it
             att.closure_state = None
             if not att.closure_said and not self.quiet:
@@ -844,6 +854,30 @@ class Watch:
         from .diagnose import diagnose
 
         return diagnose(self.run)
+
+
+#: The code of torch's hooked ``Optimizer.step`` wrapper (one code object for every hooked class).
+_STEP_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
+
+
+def _torch_step_frame(limit: int = 8) -> Any:
+    """The frame of the hooked ``step()`` that is calling the current hook, or None."""
+    frame = sys._getframe(2)
+    for _ in range(limit):
+        if frame is None or frame.f_code is _STEP_WRAPPER_CODE:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _frame_is_active(target: Any) -> bool:
+    """Whether ``target`` is on the current call stack (a step() that raised is not)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame is target:
+            return True
+        frame = frame.f_back
+    return False
 
 
 # ------------------------------------------------------------------- who records which optimizer
