@@ -64,6 +64,8 @@ def test_a_lightning_script_is_recorded_at_on_before_optimizer_step(tmp_path: Pa
     assert_same_steps(run, log["norms"], log["losses"])
     assert log["trainer_callbacks"].count("GradWatch") == 1  # added by the runner, once
     assert run.layers[0].name == "net.0.weight" and run.status == "finished"
+    # The loss function, seen through Lightning's `loss / accumulate_grad_batches`.
+    assert run.streams[0]["loss"] == "BinaryCrossEntropyWithLogitsBackward0"
     # The same logger keys as the callback added by hand, from the same numbers.
     rows = list(csv.DictReader(open(Path(log["log_dir"]) / "metrics.csv")))
     logged = [float(r["gradwatch/grad_norm"]) for r in rows if r.get("gradwatch/grad_norm")]
@@ -276,3 +278,14 @@ def test_a_subclass_step_calling_super_step_is_one_recorded_step(tmp_path: Path)
         opt.step()
     np.testing.assert_array_equal(gw.load_run(tmp_path / "run").steps, np.arange(6))
     assert w.steps == 6
+
+
+def test_the_loss_function_is_named_through_a_rescaling_of_the_loss() -> None:
+    """Lightning and the HF Trainer divide the loss by the accumulation steps before backward()."""
+    from gradwatch.watch import loss_node
+
+    a, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    mse = nn.functional.mse_loss(a, torch.zeros(3))
+    assert {loss_node(mse / 2), loss_node(mse * 0.5), loss_node(mse.clone() / torch.tensor(4.0))} == {"MseLossBackward0"}
+    assert loss_node(a.sum() * b.sum()) == "MulBackward0"  # a product of two graphs is not a rescaling
+    assert loss_node(mse.detach()) is None

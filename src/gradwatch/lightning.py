@@ -74,6 +74,7 @@ class GradWatch(Callback):
         self._fits = 0
         self._loss_sum: torch.Tensor | None = None  # micro-batch losses since the last optimizer step
         self._stepped = False
+        self._loss_named = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -87,7 +88,7 @@ class GradWatch(Callback):
             return  # one writer per run: rank 0 (other ranks see the same all-reduced gradients)
         self._trainer = trainer
         self._fits += 1
-        self._loss_sum, self._stepped = None, False
+        self._loss_sum, self._stepped, self._loss_named = None, False, False
         if self._given is not None:
             if self._given.closed:
                 raise GradwatchError("GradWatch(watch=...) was given a watch that is closed; give it an open one.")
@@ -105,6 +106,13 @@ class GradWatch(Callback):
             self.watch.add_optimizer(opt, pl_module, hooks=False, reduce_ranks=False, own_loss=True)
             self._handles.append(opt.register_step_post_hook(lambda o, a, k: self._after_step(o)))
             self._removers.append(self.watch.add_window_listener(self._log_window, opt))
+
+    def on_before_backward(self, trainer: Any, pl_module: torch.nn.Module, loss: torch.Tensor) -> None:
+        """The loss still has its graph here: its autograd node names the loss function (once)."""
+        if self.watch is not None and not self._loss_named:
+            self._loss_named = True
+            for opt in trainer.optimizers:
+                self.watch.note_loss_function(opt, loss)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.watch is not None and self.watch.watches(optimizer):

@@ -40,10 +40,23 @@ ONLINE_EVERY_WINDOW_UNTIL = 20
 REPORT_BY_DEFAULT = os.environ.get("GRADWATCH_REPORT", "1") != "0"
 
 
+#: Autograd nodes that only rescale or copy a loss (``loss / accumulate_grad_batches`` in Lightning
+#: and the HF Trainer, ``loss * weight``): the loss function is the node below them.
+_SCALING_NODES = ("DivBackward", "MulBackward", "CloneBackward", "ToCopyBackward")
+
+
 def loss_node(loss: Any) -> str | None:
     """The autograd node that produced a loss tensor (``MseLossBackward0``, ``NllLossBackward0``):
-    names the loss function for the diagnosis. A Python attribute: no device read."""
+    names the loss function for the diagnosis. A rescaling by a constant is looked through. Python
+    attributes only: no device read."""
     node = getattr(loss, "grad_fn", None) if isinstance(loss, torch.Tensor) else None
+    for _ in range(4):
+        if node is None or not type(node).__name__.startswith(_SCALING_NODES):
+            break
+        inputs = [f for f, _ in getattr(node, "next_functions", ()) if f is not None]
+        if len(inputs) != 1:  # a product or quotient of two graphs: not a plain rescaling
+            break
+        node = inputs[0]
     return type(node).__name__ if node is not None else None
 
 
@@ -377,6 +390,13 @@ class Watch:
         att = self._attached.get(id(optimizer))
         return att is not None and att.optimizer is optimizer and not att.failed and not self._closed
 
+    def note_loss_function(self, optimizer: Any, loss: Any) -> None:
+        """Name the loss function of ``optimizer``'s stream from a loss tensor that still has its
+        autograd graph (see :func:`loss_node`); the first name wins. A Python attribute: no device read."""
+        att = self._attached.get(id(optimizer))
+        if att is not None and "loss" not in att.model_facts:
+            self._note_loss(att, loss_node(loss))
+
     def describe_stream(self, optimizer: Any, **fields: Any) -> None:
         """Add ``fields`` to ``optimizer``'s stream entry in meta.json: where and how its steps are
         recorded (a trainer's recording point, clipping the script does itself)."""
@@ -496,8 +516,10 @@ class Watch:
     def _probe_step(self, att: _Attached) -> None:
         """Queue this step's statistics, with the loss the runner captured for it."""
         if self._staged_loss is not None:
+            # The function that made the loss names it either way; its value is the stream's own
+            # only when no trainer callback logs one.
+            self._note_loss(att, self._staged_loss_fn)
             if att.takes_staged_loss:
-                self._note_loss(att, self._staged_loss_fn)
                 att.probe.stage_loss(self._staged_loss)
             self._staged_loss = None
         att.probe.on_before_optimizer_step(_current_lr(att.optimizer))
