@@ -289,3 +289,45 @@ def test_the_loss_function_is_named_through_a_rescaling_of_the_loss() -> None:
     assert {loss_node(mse / 2), loss_node(mse * 0.5), loss_node(mse.clone() / torch.tensor(4.0))} == {"MseLossBackward0"}
     assert loss_node(a.sum() * b.sum()) == "MulBackward0"  # a product of two graphs is not a rescaling
     assert loss_node(mse.detach()) is None
+
+
+# --------------------------------------------------------------- several optimizers, online diagnosis
+
+GAN_SCRIPT = """\
+import torch
+from torch import nn
+torch.manual_seed(0)
+G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+D = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+og, od = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.SGD(D.parameters(), 1e-2)
+for i in range(120):
+    x, z = torch.randn(16, 4), torch.randn(16, 4)
+    ld = nn.functional.softplus(D(G(z).detach())).mean() + nn.functional.softplus(-D(x)).mean()
+    od.zero_grad(); ld.backward(); od.step()
+    lg = nn.functional.softplus(-D(G(z))).mean()
+    og.zero_grad(); lg.backward(); og.step()
+"""
+
+
+def test_a_healthy_gan_gets_no_online_alarm_between_its_two_optimizers_flushes(tmp_path: Path, capsys) -> None:
+    """D's window is stored before G's: read in between, G's layers looked as if they had no gradient
+    and no finite weights. The online diagnosis reads up to the step both have stored."""
+    script = tmp_path / "gan.py"
+    script.write_text(GAN_SCRIPT)
+    code, w = runner.run_script(str(script), out=tmp_path / "run", report=False)
+    err = capsys.readouterr().err
+    assert code == 0 and w.steps == 120
+    assert "never receive a gradient" not in err and "nonfinite" not in err, err
+    assert not [f for f in w.findings if f.severity in ("warning", "error")]
+
+
+def test_a_run_read_until_a_step_holds_every_stream_up_to_it(tmp_path: Path) -> None:
+    script = tmp_path / "gan.py"
+    script.write_text(GAN_SCRIPT.replace("range(120)", "range(30)"))
+    runner.run_script(str(script), out=tmp_path / "run", report=False, quiet=True, sample_every=10)
+    run = gw.load_run(tmp_path / "run")
+    early = run.until(11)
+    np.testing.assert_array_equal(early.steps, np.arange(12))
+    np.testing.assert_array_equal(early.step_series("grad_norm"), run.step_series("grad_norm")[:12])
+    np.testing.assert_array_equal(early.layer_series("grad_norm"), run.layer_series("grad_norm")[:12])
+    assert set(early.histograms()[0]) == {0, 2, 4, 6, 8, 10}  # sampled steps up to 11 (every other step at first)

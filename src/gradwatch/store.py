@@ -500,6 +500,19 @@ class Run:
 
         return read_findings(self.path)
 
+    def until(self, step: int) -> "Run":
+        """This run as it stood at ``step``: every stream's records up to it, nothing after.
+        (The online diagnosis reads a run of several streams this way, up to the step that all of
+        them have stored, so that one optimizer's window is not read before the other's arrived.)"""
+        streams = []
+        for sd in self._streams:
+            keep, hkeep = sd.steps <= step, sd.hist_steps <= step
+            streams.append(_StreamData(sd.index, sd.layer_ids, sd.steps[keep],
+                                       {k: v[keep] for k, v in sd.step_values.items()},
+                                       {k: v[keep] for k, v in sd.layer_values.items()},
+                                       sd.hist_steps[hkeep], sd.hist[hkeep]))
+        return Run(self.path, self.meta, streams, self.torn)
+
     def to_pandas(self, metrics: Iterable[str] | None = None):
         """A long table (step, layer, metric columns...), needs pandas (``pip install pandas``)."""
         try:

@@ -109,6 +109,8 @@ class _Attached:
         self.closure_said = False
         #: The frame of torch's hooked step() this stream is inside (see Watch.step_pre_hook).
         self.step_frame: Any = None
+        #: The last step this stream has stored (-1: none yet).
+        self.stored_through = -1
 
 
 class _NullStream:
@@ -595,6 +597,8 @@ class Watch:
                 att.store_failed = f"{type(e).__name__}: {e}"
                 print(f"gradwatch: could not write {self.out} ({att.store_failed}); recording stops here, "
                       "guards go on.", file=sys.stderr)
+        if len(chunk):
+            att.stored_through = int(chunk.steps[-1])
         self._record_model_facts(att)
         if att.guards is not None:
             att.guards.on_window(chunk)
@@ -640,11 +644,21 @@ class Watch:
         if att is not None and name and "loss" not in att.model_facts:
             att.model_facts["loss"] = name
 
+    def _stored_through(self) -> int:
+        """The last step that every stream which has stepped has stored: a GAN's two optimizers flush
+        one after the other, and between the two flushes the second one's steps are not stored yet."""
+        ends = [a.stored_through for a in self._attached.values() if a.probe.step > 0 and not a.failed]
+        return min(ends, default=-1)
+
     def _diagnose_online(self) -> None:
         from .diagnose import diagnose
 
+        upto = self._stored_through()
+        if upto < 0:
+            return  # a stream has nothing stored yet: diagnose at the next window, when it has
         try:
-            findings = diagnose(load_run(self.out))
+            run = load_run(self.out)
+            findings = diagnose(run.until(upto) if len(self._attached) > 1 else run)
         except Exception as e:  # diagnosis must never stop training
             print(f"gradwatch: online diagnosis failed ({type(e).__name__}: {e}); recording continues.", file=sys.stderr)
             self.diagnose_online = False
