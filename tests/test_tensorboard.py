@@ -176,3 +176,44 @@ def test_guard_records_are_exported(tmp_path):
         assert tag in acc.Tags()["scalars"], tag
     post = [e.value for e in acc.Scalars("grad_norm_clipped")]
     assert len(post) == 6 and max(post) == pytest.approx(0.5, rel=1e-5)
+
+
+_NO_TORCH_CHILD = r"""
+import importlib.abc, sys, types
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"torch is blocked in this test ({name})")
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+# gradwatch/__init__.py imports the recorder (torch): stand a bare package in for it.
+pkg = types.ModuleType("gradwatch")
+pkg.__path__ = [sys.argv[1]]
+sys.modules["gradwatch"] = pkg
+
+from gradwatch.report.tensorboard import export_tensorboard
+
+export_tensorboard(sys.argv[2], sys.argv[3])
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+"""
+
+
+def test_export_works_without_torch(run, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    src = Path(gw.__file__).parent
+    logdir = tmp_path / "logs"
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_CHILD, str(src), str(run.path), str(logdir)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = list(logdir.glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    assert "grad_norm" in acc.Tags()["scalars"]
+    assert len(acc.Scalars("grad_norm")) == N_STEPS

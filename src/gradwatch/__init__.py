@@ -9,13 +9,30 @@
     run = gw.load_run("runs/exp1")
 """
 
+from typing import Any
+
 from .errors import GradwatchError, RunDirError
 from .store import LAYER_METRICS, STEP_METRICS, LayerInfo, Run, load_run
 from .diagnose import Finding, Remedy, diagnose
-from .watch import Watch, watch
-from . import guards, surgery
+from .frameworks import torch_error
 
 __version__ = "0.1.0"
+
+if torch_error() is None:  # recording needs PyTorch; reading, diagnosing and reporting a stored run do not
+    from .watch import Watch, watch
+    from . import guards, surgery
+
+_TORCH_SIDE = ("Watch", "watch", "guards", "surgery")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_SIDE and torch_error() is not None:
+        raise GradwatchError(
+            f"gradwatch.{name} records PyTorch training and needs PyTorch, which this Python cannot import "
+            f"({torch_error()}); install it with `pip install gradwatch[torch]`. Reading, diagnosing and reporting "
+            "stored runs work without it.")
+    raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+
 
 __all__ = [
     "Finding",

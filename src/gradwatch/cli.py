@@ -333,10 +333,23 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _need_torch(command: str) -> None:
+    """Training commands need PyTorch; the commands on stored runs do not."""
+    from .frameworks import torch_error
+
+    if torch_error() is not None:
+        raise GradwatchError(
+            f"gradwatch {command} trains with PyTorch, which this Python cannot import ({torch_error()}); "
+            "install it with `pip install gradwatch[torch]`. `gradwatch diagnose`, `report` and `compare` work "
+            "on stored runs without it.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        if ns.command in ("run", "demo", "doctor"):
+            _need_torch(ns.command)
         if ns.command == "run":
             return _cmd_run(ns)
         if ns.command == "demo":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,10 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import RunDirError
-
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
-FINDINGS_FILE = "findings.json"
+from .files import FINDINGS_FILE, FORMAT_VERSION, META_FILE, write_json_atomic
+from .findings import Finding, read_findings
 
 #: Per-step series (one value per optimizer step).
 STEP_METRICS: tuple[str, ...] = (
@@ -132,20 +129,6 @@ class Chunk:
 
 
 # --------------------------------------------------------------------------------------- writing
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _layer_col(metric: str) -> str:
@@ -276,13 +259,13 @@ class RunWriter:
             "layers": [],
             "streams": [],
         }
-        _write_json_atomic(self.path / FINDINGS_FILE, {"format": FORMAT_VERSION, "findings": []})
+        write_json_atomic(self.path / FINDINGS_FILE, {"format": FORMAT_VERSION, "findings": []})
         self._write_meta()
 
     def _write_meta(self) -> None:
         self.meta["layers"] = [dict(asdict(li), shape=list(li.shape)) for li in self.layers]
         self.meta["streams"] = self.streams
-        _write_json_atomic(self.path / META_FILE, self.meta)
+        write_json_atomic(self.path / META_FILE, self.meta)
 
     def add_stream(self, layers: Sequence[LayerInfo], info: Mapping[str, Any], label: str | None = None) -> StreamWriter:
         """Register the layers of one optimizer and open its series files.
@@ -494,10 +477,8 @@ class Run:
         return hsteps.astype(np.int64), out, hist_edges()
 
     @property
-    def findings(self) -> list[Any]:
-        """The :class:`~gradwatch.diagnose.Finding` list of ``findings.json`` (empty until diagnosed)."""
-        from .diagnose import read_findings  # diagnose builds on the store, not the other way round
-
+    def findings(self) -> list[Finding]:
+        """The :class:`~gradwatch.findings.Finding` list of ``findings.json`` (empty until diagnosed)."""
         return read_findings(self.path)
 
     def until(self, step: int) -> "Run":

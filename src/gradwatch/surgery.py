@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import GradwatchError
-from .probe.torch import ACTIVATION_TYPES, _following_activations
+from .probe.torch import ACTIVATION_TYPES, following_activations
 
 #: Layers whose weight the initialisers and the norm insertion act on.
 WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -110,7 +110,7 @@ def reinit(
         raise GradwatchError(f"unknown initialisation scheme {scheme!r}; known: {', '.join(SCHEMES)}.")
     scale, mode, dist = _SCHEMES[scheme]
     wanted = set(layers) if layers is not None else None
-    acts = _following_activations(model)
+    acts = following_activations(model)
     report = SurgeryReport(f"reinit({scheme})")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     found = set()

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .finding import Finding, Remedy
+from ..findings import Finding, Remedy
 
 #: GradScaler is stuck when it skipped at least this share of the last AMP_WINDOW steps (and at
 #: least AMP_MIN_SKIPS of them): the gradients overflow at every scale it backs off to.

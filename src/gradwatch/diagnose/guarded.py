@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .amp import amp_skipped
-from .finding import Finding
+from ..findings import Finding
 
 #: Remedy actions each guard already carries out.
 _ACTIONS = {

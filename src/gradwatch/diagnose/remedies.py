@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .finding import Remedy
+from ..findings import Remedy
 
 
 def for_vanishing(run: Any, saturating: list[str]) -> list[Remedy]:

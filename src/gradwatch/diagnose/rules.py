@@ -19,7 +19,7 @@ from .facts import (
     EXCLUDED_FROM_FLOW, SATURATING, Head, RunLike, autograd_node, early, first_stream, fmt, head, head_layers, last_part, nanmedian,
     output_mismatch, progress, sibling, streams, weight_layers,
 )
-from .finding import Finding, Remedy
+from ..findings import Finding, Remedy
 
 # ---------------------------------------------------------------------------------- thresholds
 

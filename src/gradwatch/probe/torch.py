@@ -73,7 +73,7 @@ def _activation_name(obj: object) -> str | None:
     return None
 
 
-def _following_activations(model: nn.Module) -> dict[str, str]:
+def following_activations(model: nn.Module) -> dict[str, str]:
     """Module path -> name of the activation that follows it, where the structure tells.
 
     Two sources: an ordered container whose next non-transparent child is an activation
@@ -122,7 +122,7 @@ def build_layer_table(
         for mpath, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):
                 owner.setdefault(id(p), (f"{mpath}.{pname}" if mpath else pname, module))
-        activations = _following_activations(model)
+        activations = following_activations(model)
     layers: list[LayerInfo] = []
     kept: list[torch.Tensor] = []
     seen: set[int] = set()

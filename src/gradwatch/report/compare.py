@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ..store import Run, load_run
 from . import plots
-from .html import _CSS, _png
+from .page import CSS, png_base64
 
 
 @dataclass
@@ -76,14 +76,14 @@ def write_compare(dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     )
     cells = "".join(
         f"<div style='flex:1;min-width:300px'><h3>{e(row.name)}</h3>"
-        + (f'<img alt="gradient flow of {e(run.path.name)}" src="data:image/png;base64,{_png(plots.gradient_flow_heatmap(run))}">'
+        + (f'<img alt="gradient flow of {e(run.path.name)}" src="data:image/png;base64,{png_base64(plots.gradient_flow_heatmap(run))}">'
            if len(run.steps) else "<p>no steps recorded</p>")
         + "</div>"
         for run, row in zip(runs, rows)
     )
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>gradwatch — compare</title>"
-        f"<style>{_CSS}</style></head><body><h1>gradwatch — {len(runs)} runs compared</h1>"
+        f"<style>{CSS}</style></head><body><h1>gradwatch — {len(runs)} runs compared</h1>"
         f"<table><tr>{head}</tr>{body}</table><h2>Gradient flow</h2>"
         f"<div style='display:flex;flex-wrap:wrap;gap:1em'>{cells}</div></body></html>"
     )

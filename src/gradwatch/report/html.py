@@ -9,9 +9,7 @@ as text, never as markup.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import os
 from pathlib import Path
@@ -19,9 +17,9 @@ from typing import Any, Callable
 
 from ..store import Run, load_run
 from . import plots
+from .page import CSS, png_base64
 
 REPORT_FILE = "report.html"
-DPI = 80  # keeps a full report of a deep model within a few MB
 
 _KIND_TO_PLOT = {
     "vanishing_gradients": "flow",
@@ -32,28 +30,6 @@ _KIND_TO_PLOT = {
     "loss_spike": "gradients",
     "stalled_training": "updates",
 }
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-.finding{border-left:5px solid #999;padding:.4em 1em;margin:1em 0;background:#fafafa}
-.finding.error{border-color:#c62828}.finding.warning{border-color:#f9a825}.finding.info{border-color:#1565c0}
-.sev{font-weight:bold;text-transform:uppercase;font-size:.85em}
-table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:2px 6px;text-align:left}
-img{max-width:100%;height:auto}
-pre{background:#f4f4f4;padding:.5em;overflow-x:auto;font-size:.8em}
-.ok{color:#2e7d32;font-weight:bold}
-"""
-
-
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
 
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
@@ -169,11 +145,11 @@ def render(run: Run) -> str:
             if fig is None:
                 body.append("<p>Not recorded in this run.</p>")
             else:
-                body.append(f'<img alt="{_e(title)}" src="data:image/png;base64,{_png(fig)}">')
+                body.append(f'<img alt="{_e(title)}" src="data:image/png;base64,{png_base64(fig)}">')
     body.append("<h2 id='meta'>Run</h2>" + _meta_html(run))
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>gradwatch — {_e(run.path.name)}</title><style>{_CSS}</style></head><body>"
+        f"<title>gradwatch — {_e(run.path.name)}</title><style>{CSS}</style></head><body>"
         + "".join(body)
         + "</body></html>"
     )

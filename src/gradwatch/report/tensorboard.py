@@ -17,12 +17,13 @@ What is written, into one event file in ``logdir`` (read it with ``tensorboard -
 Values that were not computed (NaN) are skipped everywhere, so a sampled-only metric has events at
 the sampled steps alone; a NaN loss or gradient norm is skipped too (the diagnosis reports those).
 The step axis is the optimizer step. Needs the ``tensorboard`` package (``gradwatch[tensorboard]``);
-the writer is torch's ``torch.utils.tensorboard``.
+the writer is that package's own ``EventFileWriter`` and protobufs (neither torch nor tensorflow).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
@@ -58,7 +59,7 @@ def _walltimes(run: Run) -> np.ndarray:
 
 
 def _histogram(counts: np.ndarray, edges: np.ndarray) -> dict | None:
-    """``add_histogram_raw`` arguments for one layer's stored counts, or None when there are none.
+    """``HistogramProto`` fields for one layer's stored counts, or None when there are none.
 
     Empty bins at either end are dropped, so that TensorBoard, which takes a histogram's ``min`` as
     the left edge of its first bucket and ``max`` as the right edge of its last, draws every bucket
@@ -79,8 +80,8 @@ def _histogram(counts: np.ndarray, edges: np.ndarray) -> dict | None:
         num=float(c.sum()),
         sum=float((c * centres).sum()),
         sum_squares=float((c * centres**2).sum()),
-        bucket_limits=[float(x) for x in e[lo + 1 : hi + 1]],
-        bucket_counts=[float(x) for x in c],
+        bucket_limit=[float(x) for x in e[lo + 1 : hi + 1]],
+        bucket=[float(x) for x in c],
     )
 
 
@@ -109,9 +110,9 @@ def export_tensorboard(
             already holds TensorBoard events and ``overwrite`` is false.
     """
     try:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from torch.utils.tensorboard import FileWriter
-        from torch.utils.tensorboard.summary import histogram_raw
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
     except ImportError:
         raise GradwatchError(_MISSING) from None
 
@@ -151,7 +152,15 @@ def export_tensorboard(
 
     # One event per step carrying all of that step's scalars: the same records TensorBoard reads from
     # add_scalar, at a seventh of the cost (a run has steps x layers x metrics of them).
-    writer = FileWriter(str(out), max_queue=1000, flush_secs=3600)
+    writer = EventFileWriter(str(out), max_queue_size=1000, flush_secs=3600)
+
+    def add(values: list, step: int, walltime: float | None) -> None:
+        """One event holding ``values`` at ``step``; no wall time means now."""
+        event = Event(
+            wall_time=time.time() if walltime is None else walltime, step=step, summary=Summary(value=values)
+        )
+        writer.add_event(event)
+
     try:
         for row, step in enumerate(steps.tolist()):
             values = [
@@ -164,7 +173,7 @@ def export_tensorboard(
                 for i in np.flatnonzero(~np.isnan(line)).tolist():
                     values.append(Summary.Value(tag=f"{m}/{names[i]}", simple_value=float(line[i])))
             if values:
-                writer.add_summary(Summary(value=values), int(step), float(walltime[row]))
+                add(values, int(step), float(walltime[row]))
 
         if histograms:
             hsteps, counts, edges = run.histograms()
@@ -175,7 +184,7 @@ def export_tensorboard(
                 for i, name in enumerate(names):
                     h = _histogram(counts[k, i], edges)
                     if h is not None:
-                        writer.add_summary(histogram_raw(f"{HIST_TAG}/{name}", **h), int(step), wt)
+                        add([Summary.Value(tag=f"{HIST_TAG}/{name}", histo=HistogramProto(**h))], int(step), wt)
     finally:
         writer.close()
     return out

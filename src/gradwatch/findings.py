@@ -1,10 +1,20 @@
-"""The records diagnosis produces: a Finding with its evidence and ranked Remedies (findings.json)."""
+"""Findings: what the diagnosis says about a run (:class:`Finding`, its :class:`Remedy` list) and
+``findings.json``, the file that holds them in the run directory.
+
+Below the store (``Run.findings`` reads the file) and the diagnosis (which makes them).
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from .errors import RunDirError
+from .files import FINDINGS_FILE, FORMAT_VERSION, write_json_atomic
 
 KINDS = (
     "vanishing_gradients",
@@ -90,3 +100,25 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
+
+
+def findings_json(findings: list[Finding]) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "findings": [f.to_json() for f in findings]}
+
+
+def write_findings(path: str | os.PathLike[str], findings: list[Finding]) -> Path:
+    """Write ``findings.json`` into a run directory (atomically)."""
+    target = Path(path) / FINDINGS_FILE
+    write_json_atomic(target, findings_json(findings))
+    return target
+
+
+def read_findings(path: str | os.PathLike[str]) -> list[Finding]:
+    target = Path(path) / FINDINGS_FILE
+    try:
+        data = json.loads(target.read_text())
+        return [Finding.from_json(d) for d in data.get("findings", [])]
+    except FileNotFoundError:
+        return []
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        raise RunDirError(f"{target} is not a valid findings file ({e.__class__.__name__}); run `gradwatch diagnose` again.") from None
