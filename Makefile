@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ demo: $(STAMP)
 	$(VENV)/bin/gradwatch demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check
 	$(PY) -m pytest -q
+
+# The unit tests alone (rules, derivation, store, probe, guards): about a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

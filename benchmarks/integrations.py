@@ -127,7 +127,8 @@ def lightning(s: Sizes, watched: bool, tmp: Path) -> float:
 
     x, y = data(s, s.steps + s.warmup)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=s.batch)
-    callbacks = [Tick()] + ([GradWatch(out=tmp / "pl", overwrite=True, quiet=True, report=False, diagnose_online=False)] if watched else [])
+    callbacks = [Tick()] + ([GradWatch(out=tmp / "pl", overwrite=True, quiet=True, report=False, diagnose_online=False)]
+                            if watched else [])
     trainer = pl.Trainer(max_epochs=1, callbacks=callbacks, logger=False, accelerator="cpu", devices=1,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(M(), loader)
@@ -150,7 +151,8 @@ def keras_fit(s: Sizes, watched: bool, tmp: Path) -> float:
             timer.tick()
 
     x, y = data(s, s.steps + s.warmup)
-    callbacks = [Tick()] + ([GradWatch(out=tmp / "k", overwrite=True, quiet=True, report=False, diagnose_online=False)] if watched else [])
+    callbacks = [Tick()] + ([GradWatch(out=tmp / "k", overwrite=True, quiet=True, report=False, diagnose_online=False)]
+                            if watched else [])
     model.fit(x.numpy(), y.numpy(), batch_size=s.batch, epochs=1, verbose=0, callbacks=callbacks, shuffle=False)
     return timer.ms_per_step()
 
@@ -188,7 +190,8 @@ def transformers_trainer(s: Sizes, watched: bool, tmp: Path) -> float:
     args = transformers.TrainingArguments(output_dir=str(tmp / "hf"), per_device_train_batch_size=s.batch, num_train_epochs=1,
                                           report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                                           disable_tqdm=True, dataloader_num_workers=0)
-    callbacks = [Tick()] + ([GradWatchCallback(out=tmp / "hfw", overwrite=True, quiet=True, report=False, diagnose_online=False)] if watched else [])
+    callbacks = [Tick()] + ([GradWatchCallback(out=tmp / "hfw", overwrite=True, quiet=True, report=False, diagnose_online=False)]
+                            if watched else [])
     model = Net()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=DS(), callbacks=callbacks,
                                    optimizers=(torch.optim.Adam(model.parameters(), lr=1e-3), None))

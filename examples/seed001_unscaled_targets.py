@@ -10,5 +10,7 @@ opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 for epoch in range(3):
     for i in range(0, 500, 32):
         loss = nn.functional.mse_loss(model(x[i:i + 32]), y[i:i + 32])
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 print("final loss", loss.item())

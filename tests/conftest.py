@@ -1,5 +1,9 @@
 """Tests that do not look at the HTML report skip drawing it (a few seconds per run): in this
-process, and in every child process a test starts (the environment is inherited)."""
+process, and in every child process a test starts (the environment is inherited).
+
+Integration tests — subprocesses, several processes, torch.compile, the browser, the framework
+integrations, the scenario matrices — carry the ``integration`` marker (whole files below, single
+tests by decorator); ``make test-fast`` runs the rest: rules, derivation, store, probe, guards."""
 
 from __future__ import annotations
 
@@ -11,6 +15,21 @@ import pytest
 os.environ["GRADWATCH_REPORT"] = "0"
 os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3's default backend, TensorFlow, is not installed
 watch_module = importlib.import_module("gradwatch.watch")  # `gradwatch.watch` is also the function
+
+
+#: Files whose every test is an integration test.
+INTEGRATION_FILES = frozenset({
+    "test_accumulation.py", "test_amp.py", "test_benchmark_smoke.py", "test_cli.py", "test_compile.py",
+    "test_crash.py", "test_diagnosis_matrix.py", "test_distributed.py", "test_doctor.py", "test_keras.py",
+    "test_keras_matrix.py", "test_keras_matrix_behaviour.py", "test_lightning.py", "test_report.py",
+    "test_runner.py", "test_scenarios.py", "test_transformers.py", "test_zero_code_trainers.py",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in INTEGRATION_FILES:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)

@@ -73,14 +73,14 @@ def first_nonfinite(x: np.ndarray) -> int | None:
 
 def layer(run: gw.Run, suffix: str) -> int:
     """Index of the one layer whose name ends with ``suffix`` (e.g. ``"dense/kernel"``, ``"fc1/kernel"``)."""
-    hits = [i for i, l in enumerate(run.layers) if l.name == suffix or l.name.endswith("/" + suffix)]
-    assert len(hits) == 1, f"{len(hits)} layers end with {suffix!r}: {[l.name for l in run.layers]}"
+    hits = [i for i, info in enumerate(run.layers) if info.name == suffix or info.name.endswith("/" + suffix)]
+    assert len(hits) == 1, f"{len(hits)} layers end with {suffix!r}: {[info.name for info in run.layers]}"
     return hits[0]
 
 
 def kernels(run: gw.Run) -> list[int]:
     """The weight matrices (rank >= 2), in the order the run lists them."""
-    return [i for i, l in enumerate(run.layers) if len(l.shape) >= 2]
+    return [i for i, info in enumerate(run.layers) if len(info.shape) >= 2]
 
 
 def series(run: gw.Run, metric: str, suffix: str, sampled: bool = False) -> np.ndarray:
@@ -204,7 +204,9 @@ def check_diverges(run: gw.Run, lo: int, hi: int, lr_growth: float = 20.0, norm_
         f"the gradient norm's median before step {bad} is {before:.3g}, only {before / lowest:.3g}x its lowest ({lowest:.3g})"
     )
     earlier = float(np.median(g[bad - 130 : bad - 80]))
-    assert earlier > 1.25 * lowest, f"no gradual rise: 80-130 steps before the blow-up the norm was {earlier / lowest:.3g}x its lowest"
+    assert earlier > 1.25 * lowest, (
+        f"no gradual rise: 80-130 steps before the blow-up the norm was {earlier / lowest:.3g}x its lowest"
+    )
 
 
 def check_zero_frac(run: gw.Run, suffix: str, lo: float, hi: float, tail: float = 0.5) -> None:
@@ -347,7 +349,8 @@ _PROGRAMS = [
     # ---------------------------------------------------------------- 3. Keras saturation
     Program(
         "tanh_unscaled_inputs", 3, "saturated_units",
-        "raw meter readings (in the thousands) into Dense+Activation('tanh'): first layer's gradient exactly 0, later layers learn",
+        "raw meter readings (in the thousands) into Dense+Activation('tanh'): first layer's gradient exactly 0, "
+        "later layers learn",
         all_of(
             lambda r: check_no_gradient(r, only=["dense/kernel", "dense/bias"]),
             lambda r: check_zero_frac(r, "dense/kernel", 1.0, 1.0, tail=1.0),

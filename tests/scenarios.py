@@ -524,7 +524,8 @@ SCENARIOS: dict[str, Scenario] = {
                  f"make_moons ReLU MLP + Adam, NaN in the inputs at step {NAN_STEP}", nonfinite_nan_input,
                  {"origin": ("forward",), "first_step": NAN_STEP, "forbid": ("exploding_gradients",)}),
         Scenario("exploding_growing_lr", "exploding_gradients",
-                 f"standardised make_regression, full batch, ReLU MLP 20-64-64-1, SGD lr 0.002 growing {LR_GROWTH - 1:.1%} per step",
+                 f"standardised make_regression, full batch, ReLU MLP 20-64-64-1, SGD lr 0.002 growing {LR_GROWTH - 1:.1%} "
+                 "per step",
                  exploding_growing_lr, {**_BLOWN_UP, "warn_before_nonfinite": 20}),
         Scenario("healthy_relu_mlp_adam", None, "make_moons, ReLU MLP 32-32, Adam", healthy_relu_mlp_adam),
         Scenario("healthy_tanh_glorot_rmsprop", None,

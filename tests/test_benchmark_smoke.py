@@ -35,7 +35,8 @@ def test_integrations_benchmark_quick_run_prints_a_row_per_framework() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "integrations.py"), "--quick"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| ") and "ms/step" not in line}
+    rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines()
+            if line.startswith("| ") and "ms/step" not in line}
     assert set(rows) == {"pytorch", "lightning", "keras", "transformers"}, out.stdout
     assert all(row.rstrip(" |").endswith("x") or "not installed" in row for row in rows.values())
 

@@ -357,9 +357,9 @@ def test_layer_names_and_activations(how: str, tmp_path: Path) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     with gradwatch.watch(target, opt, out=tmp_path / "run", quiet=True, report=False) as w:
         layers = w.layers
-    assert [l.name for l in layers] == expected
-    assert [l.module_type for l in layers] == ["Linear"] * 8
-    assert [l.activation for l in layers] == ["Tanh"] * 6 + [None] * 2
+    assert [layer.name for layer in layers] == expected
+    assert [layer.module_type for layer in layers] == ["Linear"] * 8
+    assert [layer.activation for layer in layers] == ["Tanh"] * 6 + [None] * 2
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["streams"][0]["model"] == "Sequential", meta["streams"][0]
 
@@ -415,7 +415,7 @@ def test_gradwatch_run_compiled_script(tmp_path: Path) -> None:
     run = gradwatch.load_run(out)
     assert run.status == "finished"
     assert list(run.steps) == list(range(STEPS))
-    assert [l.name for l in run.layers] == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    assert [layer.name for layer in run.layers] == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
     assert np.isfinite(run.layer_series("grad_norm")).all()
     # `gradwatch run` starts the stream at the first optimizer step, after the first forward was
     # compiled without activation hooks (and dynamo would not notice them added): the tap turns

@@ -213,7 +213,8 @@ def test_sigterm_at_any_line_of_a_flushing_step_loses_no_step(tmp_path):
         )
         if not sound:
             broken.append(f"k={k}: {n} steps, {int(np.isfinite(grad_norm).all(axis=1).sum())} whole, status {run.status}")
-    assert not broken, f"{len(broken)} of {len(ks)} kill points lost or blanked steps:\n" + "\n".join(broken[:3] + ["..."] + broken[-3:])
+    assert not broken, (f"{len(broken)} of {len(ks)} kill points lost or blanked steps:\n"
+                        + "\n".join(broken[:3] + ["..."] + broken[-3:]))
 
 
 # ------------------------------------------------------------------------------- in-process

@@ -175,10 +175,11 @@ def test_a_problem_is_announced_once_while_training(tmp_path: Path, capsys) -> N
     with gw.watch(model, opt, out=tmp_path / "run", flush_every=20, sample_every=5):
         train(model, opt, 80)
         during = capsys.readouterr().err  # before the watch closes
-    lines = [l for l in during.splitlines() if "vanishing_gradients" in l]
+    lines = [line for line in during.splitlines() if "vanishing_gradients" in line]
     assert len(lines) == 1 and "Try: swap_activation(from=Sigmoid, to=ReLU" in lines[0]
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 @pytest.mark.parametrize("case", ["one_step", "zero_grads", "nan_loss", "no_layers"])
 def test_degenerate_runs_get_a_finding_or_a_sentence(case: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -211,6 +212,7 @@ def test_degenerate_runs_get_a_finding_or_a_sentence(case: str, tmp_path: Path) 
     assert found == expected, found
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_diagnose_json_prints_the_contract_format(tmp_path: Path) -> None:
     model = sigmoid_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

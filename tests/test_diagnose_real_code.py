@@ -78,7 +78,7 @@ def test_a_short_run_that_learns_is_not_a_stall() -> None:
 
 def test_a_short_deep_sigmoid_run_is_vanishing_with_its_step_count() -> None:
     run = fake(24, dense_net("Sigmoid", "Sigmoid", depth=6), loss="binary_crossentropy")
-    kernels = [i for i, l in enumerate(run.layers) if l.name.endswith("kernel")]
+    kernels = [i for i, layer in enumerate(run.layers) if layer.name.endswith("kernel")]
     for k, i in enumerate(kernels):
         run.layer["grad_rms"][:, i] = 0.05 * 0.25 ** (len(kernels) - 1 - k)
     f = serious(run)["vanishing_gradients"]
@@ -110,7 +110,7 @@ def test_a_softmax_over_one_unit_is_an_error_at_step_0_naming_the_output_layer()
 
 def test_an_output_pinned_in_its_flat_tail_is_named_as_the_cause() -> None:
     run = _no_gradient(fake(40, dense_net("ReLU", "Sigmoid"), loss="binary_crossentropy"))
-    out = [i for i, l in enumerate(run.layers) if l.name == "sequential/dense_2/kernel"][0]
+    out = [i for i, layer in enumerate(run.layers) if layer.name == "sequential/dense_2/kernel"][0]
     run.layer["act_sat_frac"][::2, out] = 1.0
     f = serious(run)["vanishing_gradients"]
     assert f.evidence["cause"] == "output_saturated" and "Sigmoid is flat for 100%" in f.summary
@@ -159,7 +159,7 @@ def test_hidden_tanh_flat_to_float_precision_is_saturation_with_input_scaling_fi
 def test_a_bounded_output_for_regression_says_so_and_ranks_the_output_fix_first() -> None:
     run = fake(40, dense_net("ReLU", "Sigmoid"), loss="mean_squared_error")
     run.step["loss"][:] = 9801.0 - np.arange(40) * 0.01
-    out = [i for i, l in enumerate(run.layers) if l.name == "sequential/dense_2/kernel"][0]
+    out = [i for i, layer in enumerate(run.layers) if layer.name == "sequential/dense_2/kernel"][0]
     run.layer["act_sat_frac"][::2, out] = 0.97
     f = serious(run)["saturated_units"]
     assert f.layers == ["sequential/dense_2/kernel"] and f.severity == "error"
@@ -245,17 +245,18 @@ def test_healthy_norm_shapes_do_not_trip_the_early_warning(shape: str) -> None:
 def test_seed000_profile_with_a_starved_second_layer_is_vanishing_and_says_which() -> None:
     layers = dense_net("Sigmoid", "Sigmoid", depth=4)
     run = fake(100, layers, loss="binary_crossentropy")
-    kernels = [i for i, l in enumerate(layers) if l.name.endswith("kernel")]
+    kernels = [i for i, layer in enumerate(layers) if layer.name.endswith("kernel")]
     for i, r in zip(kernels, [0.25, 0.0853, 0.208, 1.0]):  # seed 000's torch run, early
         run.layer["grad_rms"][:, i] = 0.05 * r
     f = serious(run)["vanishing_gradients"]
-    assert "sequential/dense_1/kernel gets 0.0853x" in f.summary and "input-side layer sequential/dense_0/kernel 0.25x" in f.summary
+    assert ("sequential/dense_1/kernel gets 0.0853x" in f.summary
+            and "input-side layer sequential/dense_0/kernel 0.25x" in f.summary)
 
 
 def test_a_dip_in_the_middle_with_full_gradient_at_the_input_is_not_vanishing() -> None:
     layers = dense_net("Sigmoid", "Sigmoid", depth=6)
     run = fake(100, layers, loss="binary_crossentropy")
-    kernels = [i for i, l in enumerate(layers) if l.name.endswith("kernel")]
+    kernels = [i for i, layer in enumerate(layers) if layer.name.endswith("kernel")]
     rel = [1.21, 0.9, 0.085, 0.4, 0.8, 1.0]
     for i, r in zip(kernels, rel):
         run.layer["grad_rms"][:, i] = 0.05 * r
@@ -268,7 +269,7 @@ def test_a_dip_in_the_middle_with_full_gradient_at_the_input_is_not_vanishing() 
 def test_a_vanishing_sentence_quotes_the_layer_and_number_that_triggered_it() -> None:
     layers = dense_net("Sigmoid", "Sigmoid", depth=4)
     run = fake(100, layers, loss="binary_crossentropy")
-    kernels = [i for i, l in enumerate(layers) if l.name.endswith("kernel")]
+    kernels = [i for i, layer in enumerate(layers) if layer.name.endswith("kernel")]
     for i, r in zip(kernels, [0.02, 0.004, 0.3, 1.0]):
         run.layer["grad_rms"][:, i] = 0.05 * r
     f = serious(run)["vanishing_gradients"]
@@ -315,7 +316,8 @@ def test_weights_that_never_get_a_gradient_are_named_with_their_share() -> None:
     run.layer["grad_rms"][:, 1:] = np.nan
     f = serious(run)["vanishing_gradients"]
     assert f.severity == "error" and f.evidence["cause"] == "no_gradient_path"
-    assert f.layers == ["sequential/dense_0/kernel", "sequential/dense_1/kernel"] and "never receive a gradient in 64 steps" in f.summary
+    assert (f.layers == ["sequential/dense_0/kernel", "sequential/dense_1/kernel"]
+            and "never receive a gradient in 64 steps" in f.summary)
     assert f.remedies[0].action == "check_graph"
 
 

@@ -136,7 +136,7 @@ def check_behaviour(name: str, run: gw.Run) -> None:
         assert growth > 100, f"{name}: the gradient norm grew only {growth:.3g}x before going non-finite"
     elif s.expect == "dead_units":
         # A ReLU unit that never fires gets an exactly zero bias gradient; median over the second half.
-        hidden = [l.name for l in run.layers if l.name.endswith("bias") and l.activation == "ReLU"]
+        hidden = [layer.name for layer in run.layers if layer.name.endswith("bias") and layer.activation == "ReLU"]
         tails = [zero_frac(run, h) for h in hidden]
         worst = max(float(np.median(z[len(z) // 2 :])) for z in tails)
         assert worst > 0.8, f"{name}: at most {worst:.0%} of a hidden layer's units get no gradient"

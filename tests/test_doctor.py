@@ -198,4 +198,5 @@ def test_scale_lr_survives_a_scheduler_that_recomputes_from_base_lrs(tmp_path: P
     code, _ = run_script(str(p), out=tmp_path / "r", quiet=True, report=False,
                          treatment=Treatment([{"action": "scale_lr", "args": {"factor": 0.1}}]))
     out = capsys.readouterr().out
-    assert code == 0 and "lrs [0.05, 0.01]" in out.replace("0.05000000000000001", "0.05").replace("0.010000000000000002", "0.01"), out
+    assert (code == 0
+            and "lrs [0.05, 0.01]" in out.replace("0.05000000000000001", "0.05").replace("0.010000000000000002", "0.01")), out

@@ -90,6 +90,7 @@ def _fault_run(seed: int, opt_name: str, guarded: bool, out: Path) -> tuple[bool
     return finite[0], _broken(model, opt), skipped, len(inj.injected)
 
 
+@pytest.mark.integration  # 50 training runs per optimizer
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
 def test_skip_nonfinite_over_50_seeds(tmp_path: Path, opt_name: str) -> None:
     """NaN, ±Inf or 1e30 in a gradient element or the loss at random steps: with SkipNonFinite the
@@ -372,7 +373,8 @@ def _count_syncs_in_hooks(w, per_step: list[int]) -> None:  # type: ignore[no-un
             per_step.append(c.syncs)
         return call
 
-    w.on_before_optimizer_step, w.on_after_optimizer_step = counted(w.on_before_optimizer_step), counted(w.on_after_optimizer_step)
+    w.on_before_optimizer_step, w.on_after_optimizer_step = (
+        counted(w.on_before_optimizer_step), counted(w.on_after_optimizer_step))
 
 
 GUARDS = {
@@ -440,15 +442,18 @@ def test_seed001_explodes_without_a_guard_and_trains_with_clipping(tmp_path: Pat
         (lambda: Rollback(lr_factor=True), "Rollback\\(lr_factor\\) must be in"),
         (lambda: gw.watch(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), guards=ClipNorm), "got the class ClipNorm"),
         (lambda: FaultInjector(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), [(3, "nan")]), "faults maps step -> value"),
-        (lambda: FaultInjector(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), {1.5: "nan"}), "fault steps are non-negative integers"),
+        (lambda: FaultInjector(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), {1.5: "nan"}),
+         "fault steps are non-negative integers"),
         (lambda: ClipNorm(0), "ClipNorm\\(max_norm\\) must be a positive number"),
         (lambda: ClipValue("big"), "ClipValue\\(value\\) must be a positive number"),
         (lambda: ZClip(alpha=1.5), "ZClip\\(alpha\\) must be between 0 and 1"),
         (lambda: AutoClip(150), "AutoClip\\(percentile\\) must be between 0 and 100"),
         (lambda: Rollback(storage=42), "Rollback\\(storage\\) must be 'device', 'cpu' or a directory path"),
         (lambda: SkipNonFinite(max_consecutive=0), "SkipNonFinite\\(max_consecutive\\) must be a positive integer"),
-        (lambda: gw.watch(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), guards=[object()]), "guards must be gradwatch.guards objects"),
-        (lambda: gw.watch(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), guards=[SkipNonFinite(), SkipNonFinite()]), "given twice"),
+        (lambda: gw.watch(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), guards=[object()]),
+         "guards must be gradwatch.guards objects"),
+        (lambda: gw.watch(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), guards=[SkipNonFinite(), SkipNonFinite()]),
+         "given twice"),
         (lambda: FaultInjector(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), {1: "boom"}), "a fault value is a number"),
     ],
 )
@@ -503,6 +508,7 @@ print("done", bool(torch.isfinite(model[0].weight).all()))
 """
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_cli_run_with_guard_flags(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
@@ -523,6 +529,7 @@ def test_cli_run_with_guard_flags(tmp_path: Path) -> None:
     assert "SkipNonFinite skipped 1 step" in r.stderr
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_cli_rejects_a_bad_guard_value(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)

@@ -122,7 +122,8 @@ def test_without_lightning_the_import_says_which_extra_to_install() -> None:
             "import gradwatch\n"
             "try:\n    import gradwatch.lightning\nexcept gradwatch.GradwatchError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "ERR gradwatch.lightning needs Lightning; install it with `pip install gradwatch[lightning]`." in out.stdout, out.stderr
+    assert ("ERR gradwatch.lightning needs Lightning; install it with `pip install gradwatch[lightning]`."
+            in out.stdout), out.stderr
 
 
 def test_with_accumulation_each_step_gets_the_mean_loss_of_its_micro_batches(tmp_path: Path) -> None:

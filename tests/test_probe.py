@@ -99,7 +99,8 @@ class Reference:
         raise KeyError(metric)
 
 
-SAMPLED = {"act_dead_frac", "act_sat_frac", "act_const_frac", "grad_mean", "grad_maxabs", "grad_std", "grad_zero_frac", "weight_norm", "weight_rms", "weight_mean", "weight_std", "update_ratio"}
+SAMPLED = {"act_dead_frac", "act_sat_frac", "act_const_frac", "grad_mean", "grad_maxabs", "grad_std", "grad_zero_frac",
+           "weight_norm", "weight_rms", "weight_mean", "weight_std", "update_ratio"}
 
 
 def assert_matches_reference(run: gw.Run, ref: Reference, sample_every: int) -> int:
@@ -381,10 +382,10 @@ def test_layer_table_names_modules_and_following_activations() -> None:
     assert table["1.weight"].module_type == "BatchNorm1d"
     assert table["0.weight"].shape == (8, 4) and table["0.weight"].numel == 32
     stray, _ = build_layer_table(SmallTransformer(), list(mlp().parameters()))  # not the model's: by position
-    assert [l.name for l in stray][:2] == ["param.0", "param.1"] and {l.module_type for l in stray} == {"?"}
+    assert [layer.name for layer in stray][:2] == ["param.0", "param.1"] and {layer.module_type for layer in stray} == {"?"}
     t = SmallTransformer()
     enc, _ = build_layer_table(t, list(t.parameters()))
-    assert next(l for l in enc if l.name.endswith("layers.0.linear1.weight")).activation == "ReLU"
+    assert next(layer for layer in enc if layer.name.endswith("layers.0.linear1.weight")).activation == "ReLU"
 
 
 @pytest.mark.parametrize(
@@ -394,7 +395,8 @@ def test_layer_table_names_modules_and_following_activations() -> None:
         (lambda: gw.watch(mlp(), None), "needs the optimizer"),
         (lambda: gw.watch("model", torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1)), "must be a torch.nn.Module"),
         (lambda: gw.watch(mlp(), "adam"), "must be a torch.optim.Optimizer"),
-        (lambda: gw.watch(mlp(), torch.optim.SGD(mlp().parameters(), lr=1), flush_every=0), "flush_every must be a positive integer"),
+        (lambda: gw.watch(mlp(), torch.optim.SGD(mlp().parameters(), lr=1), flush_every=0),
+         "flush_every must be a positive integer"),
     ],
 )
 def test_bad_input_gets_one_clear_sentence(call, message: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

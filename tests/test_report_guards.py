@@ -69,8 +69,8 @@ def flagged(run: gw.store.Run, name: str) -> np.ndarray:
 def test_norm_plot_shows_the_norm_before_and_after_the_guards(guarded: gw.store.Run) -> None:
     fig = plots.norm_plot(guarded)
     lines = lines_by_label(fig)
-    before = next(l for k, l in lines.items() if k.startswith("before guards"))
-    after = next(l for k, l in lines.items() if k.startswith("after guards"))
+    before = next(line for k, line in lines.items() if k.startswith("before guards"))
+    after = next(line for k, line in lines.items() if k.startswith("after guards"))
     threshold = lines["clip threshold"]
     assert threshold.get_linestyle() == "--" and np.allclose(threshold.get_ydata(), 1.0)
     raw, clipped = np.asarray(before.get_ydata(), float), np.asarray(after.get_ydata(), float)
@@ -90,8 +90,8 @@ def test_norm_plot_marks_rollbacks(rolled: gw.store.Run) -> None:
     rb = flagged(rolled, "rolled_back")
     assert len(events) >= 1 and len(rb) == len(events)
     fig = plots.norm_plot(rolled)
-    vlines = [l for l in fig.axes[0].lines if l.get_color() == "purple"]
-    assert len(vlines) == len(rb) and sorted(l.get_xdata()[0] for l in vlines) == sorted(rb)
+    vlines = [line for line in fig.axes[0].lines if line.get_color() == "purple"]
+    assert len(vlines) == len(rb) and sorted(line.get_xdata()[0] for line in vlines) == sorted(rb)
     assert "rollback (snapshot restored)" in lines_by_label(fig)
 
 

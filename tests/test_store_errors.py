@@ -106,7 +106,8 @@ def series_of_another_model(tmp: Path, run: Path) -> Path:
     return d
 
 
-CASES = [missing, a_file, empty_dir, other_files_no_meta, meta_not_json, meta_of_another_tool, newer_format, series_of_another_model]
+CASES = [missing, a_file, empty_dir, other_files_no_meta, meta_not_json, meta_of_another_tool, newer_format,
+         series_of_another_model]
 
 
 @pytest.mark.parametrize("make", CASES, ids=[c.__name__ for c in CASES])

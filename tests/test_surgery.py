@@ -39,7 +39,8 @@ def test_reinit_draws_with_the_keras_variance(scheme, expected_std) -> None:  # 
         std = float(m.weight.detach().std())
         assert std == pytest.approx(expected_std(fan_in, fan_out), rel=0.05), (scheme, type(m).__name__)
         assert bool((m.bias == 0.1).all())
-        limit = math.sqrt(3) * expected_std(fan_in, fan_out) if scheme.endswith("uniform") else 2 * expected_std(fan_in, fan_out) / S._TRUNC_STD
+        limit = (math.sqrt(3) * expected_std(fan_in, fan_out) if scheme.endswith("uniform")
+                 else 2 * expected_std(fan_in, fan_out) / S._TRUNC_STD)
         assert float(m.weight.detach().abs().max()) <= limit * (1 + 1e-6)
 
 
@@ -65,7 +66,8 @@ def test_reinit_is_reproducible_and_restricted_to_named_layers() -> None:
 def test_swap_activations_replaces_modules_and_reports() -> None:
     model = _mlp(nn.Sigmoid)
     report = S.swap_activations(model, nn.Sigmoid, "leaky_relu", negative_slope=0.2, skip=["3"])
-    assert [type(m).__name__ for m in model] == ["Linear", "LeakyReLU", "Linear", "Sigmoid", "Linear", "LeakyReLU", "Linear", "Sigmoid"]
+    assert [type(m).__name__ for m in model] == ["Linear", "LeakyReLU", "Linear", "Sigmoid",
+                                                 "Linear", "LeakyReLU", "Linear", "Sigmoid"]
     assert model[1].negative_slope == 0.2
     assert len(report.changed) == 2
     assert report.skipped == ["3: kept, as asked",

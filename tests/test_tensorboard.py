@@ -168,7 +168,10 @@ def test_guard_records_are_exported(tmp_path):
     with gw.watch(model, opt, out=tmp_path / "g", quiet=True, report=False, guards=[ClipNorm(0.5), SkipNonFinite()]) as w:
         for _ in range(6):
             loss = ((model(x) - y) ** 2).mean()
-            opt.zero_grad(); loss.backward(); opt.step(); w.log(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss)
     logdir = export_tensorboard(tmp_path / "g", tmp_path / "tb")
     acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={event_accumulator.SCALARS: 0})
     acc.Reload()

@@ -67,7 +67,8 @@ def _positive_float(text: str) -> float:
 
 def _add_guard_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guards (fixes applied between backward and the optimizer step; see docs/guards.md)")
-    g.add_argument("--clip-norm", type=_positive_float, metavar="MAX", help="clip the global gradient norm to MAX (clip_grad_norm_)")
+    g.add_argument("--clip-norm", type=_positive_float, metavar="MAX",
+                   help="clip the global gradient norm to MAX (clip_grad_norm_)")
     g.add_argument("--clip-norm-per-layer", type=_positive_float, metavar="MAX",
                    help="clip each gradient tensor's norm to MAX (Keras clipnorm)")
     g.add_argument("--clip-value", type=_positive_float, metavar="V", help="clamp every gradient element to [-V, V]")
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # allow_abbrev=False: a script option such as --clip must reach the script, not match --clip-norm.
-    run = sub.add_parser("run", allow_abbrev=False, help="run a training script with monitoring attached to every optimizer it creates")
+    run = sub.add_parser("run", allow_abbrev=False,
+                         help="run a training script with monitoring attached to every optimizer it creates")
     _add_watch_options(run)
     _add_guard_options(run)
     # For gradwatch doctor's trial runs (kept out of --help): stop after N steps, seed, remedies as JSON.
@@ -147,9 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp_ = sub.add_parser("compare", help="compare runs: a table here and their heatmaps side by side in one HTML page")
     cmp_.add_argument("run_dirs", metavar="DIR", nargs="+", help="run directories written by gradwatch")
-    cmp_.add_argument("--out", metavar="FILE", default="gradwatch-compare.html", help="the page to write (default gradwatch-compare.html)")
+    cmp_.add_argument("--out", metavar="FILE", default="gradwatch-compare.html",
+                      help="the page to write (default gradwatch-compare.html)")
 
-    doc = sub.add_parser("doctor", allow_abbrev=False, help="diagnose a training script, try the remedies on it, and prove the best one")
+    doc = sub.add_parser("doctor", allow_abbrev=False,
+                         help="diagnose a training script, try the remedies on it, and prove the best one")
     doc.add_argument("--out", metavar="DIR", help="where the runs go (default: gradwatch-runs/doctor-NAME-TIME)")
     doc.add_argument("--steps", type=_positive_int, default=None, metavar="N",
                      help="optimizer steps per trial (default: the whole script)")
@@ -165,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the seed articles' experiments: train, diagnose, fix, compare (see --list)")
     demo.add_argument("--out", metavar="DIR", help="where the runs go (default: gradwatch-runs/demo-TIME)")
     demo.add_argument("--no-report", action="store_true", help="do not write the baseline's report.html")
-    demo.add_argument("--flush-every", type=_positive_int, default=50, metavar="N", help="steps per device->host copy (default 50)")
-    demo.add_argument("--sample-every", type=_positive_int, default=50, metavar="N", help="steps between full statistics (default 50)")
+    demo.add_argument("--flush-every", type=_positive_int, default=50, metavar="N",
+                      help="steps per device->host copy (default 50)")
+    demo.add_argument("--sample-every", type=_positive_int, default=50, metavar="N",
+                      help="steps between full statistics (default 50)")
     demo.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenarios to run (default: all; see --list)")
     demo.add_argument("--full", action="store_true", help="the seeds' own epochs and complete grids (minutes to hours)")
     demo.add_argument("--epochs", type=_positive_int, default=None, help="epochs for every scenario (overrides the defaults)")

@@ -124,7 +124,8 @@ def run_trial(
         result.error = f"timed out after {result.seconds:.0f} s (the budget)"
     elif code != 0:
         result.error = failure_reason(stderr, code)
-    result.applied = [line.removeprefix("gradwatch: applied ") for line in stderr.splitlines() if line.startswith("gradwatch: applied ")]
+    result.applied = [line.removeprefix("gradwatch: applied ") for line in stderr.splitlines()
+                      if line.startswith("gradwatch: applied ")]
     result.metric = parse_metric(stdout, metric)
     try:
         run = load_run(out)
@@ -221,7 +222,8 @@ def doctor(
         raise GradwatchError(f"the unchanged script did not finish within the budget of {budget:.0f} s, so it cannot be "
                              "judged; give a larger --budget, or --steps N to try a part of it.")
     if base.error and not base.steps:
-        raise GradwatchError(f"the unchanged script failed before training ({base.error}); run it with `gradwatch run` to see why.")
+        raise GradwatchError(f"the unchanged script failed before training ({base.error}); "
+                             "run it with `gradwatch run` to see why.")
     findings = [f for f in read_findings(base.out) if f.severity in ("warning", "error")]
     if not findings:
         say("nothing to fix: the baseline run has no warning or error, so doctor changes nothing.")

@@ -121,4 +121,5 @@ def read_findings(path: str | os.PathLike[str]) -> list[Finding]:
     except FileNotFoundError:
         return []
     except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-        raise RunDirError(f"{target} is not a valid findings file ({e.__class__.__name__}); run `gradwatch diagnose` again.") from None
+        raise RunDirError(f"{target} is not a valid findings file ({e.__class__.__name__}); "
+                          "run `gradwatch diagnose` again.") from None

@@ -419,7 +419,7 @@ class Run:
         for i, layer in enumerate(self.layers):
             if layer.name == name:
                 return i
-        raise KeyError(f"no layer named {name!r} in {self.path}; layers are: {[l.name for l in self.layers]}")
+        raise KeyError(f"no layer named {name!r} in {self.path}; layers are: {[layer.name for layer in self.layers]}")
 
     # -- series
     def _rows(self, stream: _StreamData) -> np.ndarray:
@@ -504,7 +504,7 @@ class Run:
         n_steps, n_layers = len(self.steps), len(self.layers)
         frame = {
             "step": np.repeat(self.steps, n_layers),
-            "layer": np.tile(np.array([l.name for l in self.layers], dtype=object), n_steps),
+            "layer": np.tile(np.array([layer.name for layer in self.layers], dtype=object), n_steps),
         }
         for m in names:
             frame[m] = self.layer_series(m).reshape(-1)

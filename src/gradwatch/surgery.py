@@ -145,7 +145,8 @@ def reinit(
                     how = f"truncated N(0, {std * _TRUNC_STD:.3g}²)"
             if getattr(m, "bias", None) is not None:
                 m.bias.fill_(bias)
-        report.changed.append(f"{path} ({type(m).__name__} {tuple(w.shape)}): {how}" + (f", bias {bias:g}" if m.bias is not None else ""))
+        report.changed.append(f"{path} ({type(m).__name__} {tuple(w.shape)}): {how}"
+                              + (f", bias {bias:g}" if m.bias is not None else ""))
     if wanted is not None and wanted - found:
         raise GradwatchError(f"no module named {sorted(wanted - found)[0]!r} in the model; module paths are like "
                              f"{[p for p, _ in model.named_modules()][1:4]}.")

@@ -136,7 +136,8 @@ class _NullWriter:
         index = len(self.streams)
         first = len(self.layers)
         self.layers.extend(layers)
-        self.streams.append({"index": index, "label": label or f"opt{index}", "layers": list(range(first, len(self.layers))), **info})
+        self.streams.append({"index": index, "label": label or f"opt{index}", "layers": list(range(first, len(self.layers))),
+                             **info})
         return _NullStream(index)
 
     def update_meta(self, **fields: Any) -> None:
@@ -875,7 +876,8 @@ class Watch:
         """The stored run, read back (flushes first if still recording; under torch.distributed it
         reads what is stored, since a flush on one rank alone would wait for the others)."""
         if not self.writes:
-            raise GradwatchError(f"rank {self.rank} does not write the run; read it on rank 0 (or load_run({str(self.out)!r}) there).")
+            raise GradwatchError(f"rank {self.rank} does not write the run; "
+                                 f"read it on rank 0 (or load_run({str(self.out)!r}) there).")
         if not self._closed and not self._reduces:
             self.flush()
         return load_run(self.out)
@@ -996,7 +998,8 @@ def _flush_before_destroy() -> None:
                     try:
                         w._flush(reduce=not alone)
                     except Exception as e:  # the script's shutdown goes on
-                        print(f"gradwatch: could not flush before the process group ended ({type(e).__name__}: {e}).", file=sys.stderr)
+                        print(f"gradwatch: could not flush before the process group ended ({type(e).__name__}: {e}).",
+                              file=sys.stderr)
         return original(group, *args, **kwargs)
 
     destroy_process_group.__wrapped__ = original  # type: ignore[attr-defined]

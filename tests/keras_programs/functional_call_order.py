@@ -27,4 +27,4 @@ model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy",
 model.fit(X, y, epochs=6, batch_size=40, verbose=0)
 loss, acc = model.evaluate(X, y, verbose=0)
 print(f"loss {loss:.4f}  accuracy {acc:.3f}")
-print("layer order in the model:", [l.name for l in model.layers])
+print("layer order in the model:", [layer.name for layer in model.layers])

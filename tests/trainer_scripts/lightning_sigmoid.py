@@ -81,7 +81,7 @@ trainer = pl.Trainer(max_epochs=args.epochs, accumulate_grad_batches=args.accumu
 trainer.fit(model, loader)
 
 steps = max(model.step_of_micro) + 1
-losses = [sum(l for l, s in zip(model.micro_losses, model.step_of_micro) if s == k) / args.accumulate
+losses = [sum(loss for loss, s in zip(model.micro_losses, model.step_of_micro) if s == k) / args.accumulate
           for k in range(steps)]
 with open(args.json_out, "w") as f:
     json.dump({"norms": model.norms, "losses": losses, "user_callbacks": [type(c).__name__ for c in callbacks],

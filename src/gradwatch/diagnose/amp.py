@@ -75,7 +75,8 @@ def amp_stuck(run: Any, mask: np.ndarray) -> Finding | None:
                   "amp_scale_last": float(last_scale)},
         remedies=[
             Remedy("clip_norm", {"max_norm": 1.0}, "after scaler.unscale_(optimizer), a norm cap keeps single steps bounded."),
-            Remedy("scale_lr", {"factor": 0.1}, "weights that grew out of range overflow float16 in the forward pass; a smaller step keeps them in range."),
+            Remedy("scale_lr", {"factor": 0.1},
+                   "weights that grew out of range overflow float16 in the forward pass; a smaller step keeps them in range."),
             Remedy("set_dtype", {"dtype": "bfloat16"}, "bfloat16 has float32's range: no loss scaling, no overflow."),
         ],
     )

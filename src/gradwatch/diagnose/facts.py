@@ -72,9 +72,9 @@ def weight_layers(run: RunLike) -> list[int]:
     carries the gradient flow. Embedding tables and free parameters (positional tables, scales)
     are left out."""
     return [
-        i for i, l in enumerate(run.layers)
-        if len(l.shape) >= 2 and l.trainable and l.module_type not in EXCLUDED_FROM_FLOW and l.numel > 0
-        and ("weight" in last_part(l.name) or "kernel" in last_part(l.name))
+        i for i, layer in enumerate(run.layers)
+        if len(layer.shape) >= 2 and layer.trainable and layer.module_type not in EXCLUDED_FROM_FLOW and layer.numel > 0
+        and ("weight" in last_part(layer.name) or "kernel" in last_part(layer.name))
     ]
 
 

@@ -21,7 +21,8 @@ def for_vanishing(run: Any, saturating: list[str]) -> list[Remedy]:
         src = max(set(saturating), key=saturating.count)
         out.append(Remedy("swap_activation", {"from": src, "to": "ReLU", "init": "he_uniform"},
                           f"{len(saturating)} layers use {src}, whose derivative is at most "
-                          f"{'0.25' if src == 'Sigmoid' else '1'} and ~0 when saturated; ReLU passes gradients of 1 (seeds 000, 004)."))
+                          f"{'0.25' if src == 'Sigmoid' else '1'} and ~0 when saturated; "
+                          "ReLU passes gradients of 1 (seeds 000, 004)."))
     out.append(Remedy("reinit", {"scheme": "he_uniform" if not saturating else "glorot_uniform"},
                       "initialisation matched to the activation keeps the gradient variance constant across layers (seed 002)."))
     out.append(Remedy("insert_norm", {"kind": "batch"},
@@ -70,9 +71,11 @@ def for_nonfinite(origin: str) -> list[Remedy]:
     if origin == "forward":
         return [
             Remedy("check_data", {"nonfinite_inputs": True},
-                   "the loss turned non-finite with normal gradients before it: the batch (inputs or targets) or the loss computation produced it."),
+                   "the loss turned non-finite with normal gradients before it: the batch (inputs or targets) or the loss "
+                   "computation produced it."),
             Remedy("skip_nonfinite", {},
-                   "skipping steps whose gradients are non-finite keeps weights and optimizer state clean while you find the bad data."),
+                   "skipping steps whose gradients are non-finite keeps weights and optimizer state clean "
+                   "while you find the bad data."),
         ]
     if origin == "backward":
         return [
@@ -112,7 +115,8 @@ def for_loss_spike() -> list[Remedy]:
 def for_stalled() -> list[Remedy]:
     return [
         Remedy("scale_lr", {"factor": 10.0}, "updates are far below the ~1e-3 of |w| per step that makes progress."),
-        Remedy("set_optimizer", {"name": "Adam", "lr": 1e-3}, "per-parameter step sizes move even with small gradients (seed 003)."),
+        Remedy("set_optimizer", {"name": "Adam", "lr": 1e-3},
+               "per-parameter step sizes move even with small gradients (seed 003)."),
         Remedy("reinit", {"scheme": "he_uniform"}, "a fresh, activation-matched initialisation (seed 002)."),
     ]
 
@@ -128,7 +132,8 @@ def for_saturation(acts: list[str], first_layer: bool = False) -> list[Remedy]:
     src = acts[0] if acts else "Sigmoid"
     ranked = [
         Remedy("swap_activation", {"from": src, "to": "ReLU", "init": "he_uniform"},
-               f"{src} is flat beyond its 0.99 point, so its derivative there is ~0; ReLU does not saturate for x > 0 (seeds 000, 002)."),
+               f"{src} is flat beyond its 0.99 point, so its derivative there is ~0; "
+               "ReLU does not saturate for x > 0 (seeds 000, 002)."),
         Remedy("reinit", {"scheme": "glorot_uniform"},
                "Glorot initialisation keeps pre-activations in the linear range of sigmoid/tanh (seeds 002, 004)."),
         Remedy("insert_norm", {"kind": "batch"}, "BatchNorm re-centres and rescales pre-activations every step (seed 002)."),

@@ -16,8 +16,8 @@ import numpy as np
 
 from . import remedies as R
 from .facts import (
-    EXCLUDED_FROM_FLOW, SATURATING, Head, RunLike, autograd_node, early, first_stream, fmt, head, head_layers, last_part, nanmedian,
-    output_mismatch, progress, sibling, streams, weight_layers,
+    EXCLUDED_FROM_FLOW, SATURATING, Head, RunLike, autograd_node, early, first_stream, fmt, head, head_layers, last_part,
+    nanmedian, output_mismatch, progress, sibling, streams, weight_layers,
 )
 from ..findings import Finding, Remedy
 
@@ -152,7 +152,8 @@ def nonfinite(run: RunLike) -> Finding | None:
     count = int((bad_grad | bad_loss).sum())
     step = int(steps[row])
     where = {
-        "forward": "the loss turned non-finite while the gradients before it were normal — look at the input data and the loss (log of 0, division by 0)",
+        "forward": ("the loss turned non-finite while the gradients before it were normal — look at the input data and the loss "
+                    "(log of 0, division by 0)"),
         "backward": f"gradients turned non-finite while the loss was finite{f', first in {first_layer}' if first_layer else ''}",
         "weights": "the weights had already grown out of range (the gradient norm exploded before it)",
     }[origin]
@@ -233,7 +234,8 @@ def exploding(run: RunLike) -> Finding | None:
             return None
     rows = [r for r in (row, upd_row, rise) if r is not None]
     at = min(rows)
-    peak = float(np.nanmax(np.where(np.isfinite(gnorm[: max(horizon, 1)]), gnorm[: max(horizon, 1)], np.nan))) if horizon else math.nan
+    peak = (float(np.nanmax(np.where(np.isfinite(gnorm[: max(horizon, 1)]), gnorm[: max(horizon, 1)], np.nan)))
+            if horizon else math.nan)
     layer_rms = run.layer_series("grad_rms")
     layer_growth = _layer_growth(layer_rms[: max(at + 1, 1)])
     worst = [run.layers[i].name for i in np.argsort(-np.nan_to_num(layer_growth, nan=-1.0))[:3] if np.isfinite(layer_growth[i])]
@@ -304,7 +306,8 @@ def sustained_rise(gnorm: np.ndarray, loss: np.ndarray) -> int | None:
     RISE_HISTORY steps before the window (a return to the usual level after a dip is no rise), and
     the loss did not improve over the window. Medians of blocks make single noisy batches harmless;
     requiring every block to rise, and a straight line to fit the log-norm, rules out one jump (a
-    schedule restart, a transient spike) and a slow drift (warm-up). Decided causally: only steps up to the one flagged are read."""
+    schedule restart, a transient spike) and a slow drift (warm-up). Decided causally: only steps up to
+    the one flagged are read."""
     n = gnorm.size
     if n < RISE_WINDOW:
         return None
@@ -430,7 +433,8 @@ def no_gradient(run: RunLike) -> Finding | None:
         remedies = ([first_fix] if first_fix is not None else []) + [
             r for r in R.for_no_gradient(h) if first_fix is None or r.action != first_fix.action]
     step = int(run.steps[row])
-    span = f"({steps_zero} of {n} steps)" if row == 0 else f"from step {step} to the end ({steps_zero} of the last {n - row} steps)"
+    span = (f"({steps_zero} of {n} steps)" if row == 0
+            else f"from step {step} to the end ({steps_zero} of the last {n - row} steps)")
     return Finding(
         kind="vanishing_gradients",
         severity="error",
@@ -456,7 +460,7 @@ def ungraded_layers(run: RunLike) -> Finding | None:
     never = [i for i in ids if not present[:, i].any()]
     if not never or not present.any():
         return None  # nothing recorded for any parameter: no gradient statistics to judge
-    trained = [i for i, l in enumerate(run.layers) if l.trainable]
+    trained = [i for i, layer in enumerate(run.layers) if layer.trainable]
     share = sum(run.layers[i].numel for i in never) / max(1, sum(run.layers[i].numel for i in trained))
     names = [run.layers[i].name for i in never]
     upd = run.layer_series("update_ratio")[:, never]
@@ -500,7 +504,8 @@ def _zero_gradient_cause(run: RunLike, h: Head | None) -> tuple[str, str, Remedy
     if act in ("ReLU", "ReLU6") and math.isfinite(h.dead) and h.dead >= DEAD_FRACTION:
         return ("output_never_positive",
                 f"the output layer {h.describe()} is never positive, so its ReLU passes nothing back",
-                Remedy("change_output", {"activation": "linear"}, "a ReLU output that is never positive has no gradient; use a linear output."))
+                Remedy("change_output", {"activation": "linear"},
+                       "a ReLU output that is never positive has no gradient; use a linear output."))
     if math.isfinite(h.constant) and h.constant >= OUTPUT_CONSTANT:
         return ("output_constant",
                 f"the output layer {h.describe()} gives every sample the same value",
@@ -510,7 +515,8 @@ def _zero_gradient_cause(run: RunLike, h: Head | None) -> tuple[str, str, Remedy
         fix = (Remedy("change_loss", {"to": "BCEWithLogitsLoss" if h.family == "binary" else "CrossEntropyLoss"},
                       "a prediction of exactly 0 or 1 has no gradient through the loss; drop the final sigmoid/softmax "
                       "and use the loss that takes logits.") if torch_loss else
-               Remedy("change_loss", {"from_logits": True}, "a clipped prediction has no gradient; compute the loss from logits."))
+               Remedy("change_loss", {"from_logits": True},
+                      "a clipped prediction has no gradient; compute the loss from logits."))
         return ("loss_clipping",
                 f"the loss ({h.loss}) gets predictions of exactly 0 or 1 from {h.describe()} and passes nothing back there",
                 fix)
@@ -588,7 +594,8 @@ def vanishing(run: RunLike) -> Finding | None:
     if math.isfinite(mean_sat) and mean_sat >= 0.05:  # below that, saturation is not the story
         detail += f", {mean_sat:.0%} of their pre-activations saturated"
     if worst_i == first:
-        said = f"the input-side layer {name(first)} gets {fmt(first_rel)}x the gradient RMS of the output layer {ref} (threshold {threshold:g})"
+        said = (f"the input-side layer {name(first)} gets {fmt(first_rel)}x the gradient RMS of the output layer {ref} "
+                f"(threshold {threshold:g})")
     else:
         said = (f"{name(worst_i)} gets {fmt(worst)}x the gradient RMS of the output layer {ref} (threshold {threshold:g}), "
                 f"and the input-side layer {name(first)} {fmt(first_rel)}x")
@@ -625,7 +632,7 @@ def dead_units(run: RunLike) -> Finding | None:
     act_dead = run.layer_series("act_dead_frac")
     heads = head_layers(run)
     tapped = _tapped_layers(run, act_dead)
-    names = {l.name for l in run.layers}
+    names = {layer.name for layer in run.layers}
     dead: dict[str, tuple[float, int]] = {}
     for i, layer in enumerate(run.layers):
         if not layer.trainable or layer.module_type in EXCLUDED_FROM_FLOW or layer.numel < 2 or layer.name in heads:
@@ -681,7 +688,7 @@ def dead_units(run: RunLike) -> Finding | None:
 def _tapped_layers(run: RunLike, act_dead: np.ndarray) -> set[str]:
     """Names of the weight layers whose units the activation tap measured."""
     measured = np.isfinite(act_dead).any(axis=0) if act_dead.size else np.zeros(len(run.layers), bool)
-    return {l.name for i, l in enumerate(run.layers) if len(l.shape) >= 2 and measured[i]}
+    return {layer.name for i, layer in enumerate(run.layers) if len(layer.shape) >= 2 and measured[i]}
 
 
 def _sustained(col: np.ndarray, threshold: float) -> tuple[float, int] | None:
@@ -925,7 +932,8 @@ def stalled(run: RunLike) -> Finding | None:
     )
 
 
-RULES = (nonfinite, exploding, no_gradient, ungraded_layers, vanishing, dead_units, saturated_units, output_layer, loss_spike, stalled)
+RULES = (nonfinite, exploding, no_gradient, ungraded_layers, vanishing, dead_units, saturated_units, output_layer, loss_spike,
+         stalled)
 
 
 def run_rules(run: RunLike, rules: Sequence = RULES) -> list[Finding]:

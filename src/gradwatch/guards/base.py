@@ -170,7 +170,8 @@ class Window:
     def from_chunk(cls, chunk: Chunk) -> "Window":
         v = chunk.step_values
         amp = v.get("amp_skipped", np.zeros(len(chunk.steps)))
-        return cls(np.asarray(chunk.steps), v["loss"], v["loss_logged"], v["grad_norm"], v["skipped"], np.nan_to_num(amp, nan=0.0))
+        return cls(np.asarray(chunk.steps), v["loss"], v["loss_logged"], v["grad_norm"], v["skipped"],
+                   np.nan_to_num(amp, nan=0.0))
 
 
 class Guard:
@@ -304,7 +305,9 @@ def as_guard_list(guards: Sequence[Guard] | Guard | None) -> list[Guard]:
         items = [guards] if isinstance(guards, Guard) else list(guards)
     for g in items:
         if isinstance(g, type) and issubclass(g, Guard):
-            raise GradwatchError(f"guards takes guard objects; got the class {g.__name__}: write {g.__name__}(...) with its settings.")
+            raise GradwatchError(
+                f"guards takes guard objects; got the class {g.__name__}: write {g.__name__}(...) with its settings."
+            )
         if not isinstance(g, Guard):
             raise GradwatchError(
                 f"guards must be gradwatch.guards objects (ClipNorm(1.0), SkipNonFinite(), ...); got {type(g).__name__}."

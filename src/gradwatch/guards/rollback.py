@@ -172,7 +172,8 @@ class Rollback(Guard):
             "step": snap.step,
             "tensors": snap.tensors,
             "state": {
-                index[pid]: {k: {"tensor": v.copy, "device": str(v.device)} if isinstance(v, _Saved) else v for k, v in st.items()}
+                index[pid]: {k: {"tensor": v.copy, "device": str(v.device)} if isinstance(v, _Saved) else v
+                             for k, v in st.items()}
                 for pid, st in snap.state.items()
                 if pid in index
             },

@@ -520,7 +520,8 @@ class _ActivationTap:
             out["a_const"][1].append(torch.where(seen & (acc.rows > 1), const, math.nan))
             if _has_flat_part(t.activation, t.space):
                 out["a_sat"][0].append(t.layer)
-                out["a_sat"][1].append(torch.where(acc.sat_total > 0, acc.sat_count.to(torch.float32) / acc.sat_total.clamp(min=1), math.nan))
+                out["a_sat"][1].append(
+                    torch.where(acc.sat_total > 0, acc.sat_count.to(torch.float32) / acc.sat_total.clamp(min=1), math.nan))
         for acc in self._acc.values():
             acc.reset()
         return out
@@ -628,7 +629,7 @@ class TorchProbe:
         self._tap: _ActivationTap | None = None
         if model is not None:
             layer_of = {id(p): i for i, p in enumerate(self._params)}
-            acts = {i: l.activation for i, l in enumerate(self.layers)}
+            acts = {i: layer.activation for i, layer in enumerate(self.layers)}
             self._tap = _ActivationTap(model, layer_of, acts, tap_targets)
             if config.is_sampled(0):
                 self._tap.attach()  # the next forward belongs to step 0
@@ -663,7 +664,8 @@ class TorchProbe:
             return host.pin_memory().to(self.device, non_blocking=True)
         return host.to(self.device)
 
-    def _put(self, row: torch.Tensor, block: str, key: tuple, layer_ids: Sequence[int], values: list[torch.Tensor]) -> torch.Tensor:
+    def _put(self, row: torch.Tensor, block: str, key: tuple, layer_ids: Sequence[int],
+             values: list[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack(values).to(device=self.device, dtype=torch.float32)
         row.index_copy_(0, self._slot_index((block, *key), block, layer_ids), stacked)
         return stacked

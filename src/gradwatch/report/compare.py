@@ -76,7 +76,8 @@ def write_compare(dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     )
     cells = "".join(
         f"<div style='flex:1;min-width:300px'><h3>{e(row.name)}</h3>"
-        + (f'<img alt="gradient flow of {e(run.path.name)}" src="data:image/png;base64,{png_base64(plots.gradient_flow_heatmap(run))}">'
+        + (f'<img alt="gradient flow of {e(run.path.name)}" '
+           f'src="data:image/png;base64,{png_base64(plots.gradient_flow_heatmap(run))}">'
            if len(run.steps) else "<p>no steps recorded</p>")
         + "</div>"
         for run, row in zip(runs, rows)

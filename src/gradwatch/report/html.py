@@ -97,16 +97,18 @@ def _guards_html(run: Run) -> str:
         events = [e for e in s.get("rollbacks", []) if isinstance(e, dict)]
         if events:
             head = "".join(f"<th>{_e(title)}</th>" for _, title in _ROLLBACK_COLUMNS)
-            rows = "".join("<tr>" + "".join(f"<td>{_e(e.get(k, ''))}</td>" for k, _ in _ROLLBACK_COLUMNS) + "</tr>" for e in events)
+            rows = "".join("<tr>" + "".join(f"<td>{_e(e.get(k, ''))}</td>" for k, _ in _ROLLBACK_COLUMNS) + "</tr>"
+                           for e in events)
             parts.append(f"<table><tr>{head}</tr>{rows}</table>")
     return "".join(parts)
 
 
 def _meta_html(run: Run) -> str:
     rows = "".join(
-        f"<tr><td>{i}</td><td>{_e(l.name)}</td><td>{_e('x'.join(map(str, l.shape)))}</td><td>{l.numel}</td>"
-        f"<td>{_e(l.module_type)}</td><td>{_e(l.activation or '')}</td><td>{_e(l.dtype)}</td><td>{'yes' if l.trainable else 'no'}</td></tr>"
-        for i, l in enumerate(run.layers)
+        f"<tr><td>{i}</td><td>{_e(layer.name)}</td><td>{_e('x'.join(map(str, layer.shape)))}</td><td>{layer.numel}</td>"
+        f"<td>{_e(layer.module_type)}</td><td>{_e(layer.activation or '')}</td><td>{_e(layer.dtype)}</td>"
+        f"<td>{'yes' if layer.trainable else 'no'}</td></tr>"
+        for i, layer in enumerate(run.layers)
     )
     streams = "".join(
         f"<li>{_e(s.get('label', ''))}: {_e(s.get('optimizer', '?'))} on {_e(s.get('model', '?'))} — "

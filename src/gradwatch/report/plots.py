@@ -27,7 +27,8 @@ def _plt() -> Any:
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError:
-        raise GradwatchError("plots need matplotlib, which gradwatch depends on; reinstall it with `pip install matplotlib`.") from None
+        raise GradwatchError("plots need matplotlib, which gradwatch depends on; "
+                             "reinstall it with `pip install matplotlib`.") from None
     return plt
 
 
@@ -257,7 +258,8 @@ def norm_plot(run: Run) -> Any:
         ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.legend(fontsize=8)
-    ax.set_title("global gradient norm" + (" before and after guards" if guarded else "") + (f" — {', '.join(notes)}" if notes else ""))
+    ax.set_title("global gradient norm" + (" before and after guards" if guarded else "")
+                 + (f" — {', '.join(notes)}" if notes else ""))
     fig.tight_layout()
     return fig
 

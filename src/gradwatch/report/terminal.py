@@ -80,8 +80,8 @@ def flow_profile(run: Run, frac: float = 0.1) -> tuple[np.ndarray, np.ndarray, n
     ref = np.zeros(n, dtype=int)
     # The same layers the diagnosis profiles, in the order they ran: the output layer is the last.
     position = {i: k for ids in flow_streams(run) for k, i in enumerate(ids)}
-    for stream in sorted({l.stream for l in run.layers}):
-        members = [i for i, l in enumerate(run.layers) if l.stream == stream]
+    for stream in sorted({layer.stream for layer in run.layers}):
+        members = [i for i, layer in enumerate(run.layers) if layer.stream == stream]
         weights = sorted((i for i in members if i in position and np.isfinite(late[i])), key=position.__getitem__)
         ref[members] = weights[-1] if weights else members[-1]
     return early, late, ref
@@ -182,7 +182,8 @@ def summary(run: Run, layers: bool = True) -> Group:
     caught = np.nan_to_num(run.step_series("amp_skipped"), nan=0.0) > 0  # GradScaler's own business
     bad_steps = np.flatnonzero((np.nan_to_num(nonfinite, nan=0.0).max(axis=1) > 0) & ~caught) if nonfinite.size else []
     if len(bad_steps):
-        head.add_row("non-finite", Text(f"gradients non-finite at {len(bad_steps)} steps, first at step {steps[bad_steps[0]]}", style="bold red"))
+        head.add_row("non-finite", Text(f"gradients non-finite at {len(bad_steps)} steps, first at step {steps[bad_steps[0]]}",
+                                        style="bold red"))
 
     return Group(head, layer_table(run)) if layers else Group(head)
 

@@ -215,4 +215,5 @@ def require_sklearn() -> None:
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        raise GradwatchError("the seed scenarios need scikit-learn for their data; install it with `pip install gradwatch[demo]`.") from None
+        raise GradwatchError("the seed scenarios need scikit-learn for their data; "
+                             "install it with `pip install gradwatch[demo]`.") from None

@@ -40,7 +40,8 @@ def regression_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     try:
         from sklearn.datasets import make_regression
     except ImportError:
-        raise GradwatchError("this scenario needs scikit-learn for its data; install it with `pip install gradwatch[demo]`.") from None
+        raise GradwatchError("this scenario needs scikit-learn for its data; "
+                             "install it with `pip install gradwatch[demo]`.") from None
     x, y = make_regression(n_samples=1000, n_features=20, noise=0.1, random_state=1)
     x_t = torch.tensor(x, dtype=torch.float32)
     y_t = torch.tensor(y, dtype=torch.float32).unsqueeze(1)
