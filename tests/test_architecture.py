@@ -148,3 +148,35 @@ def test_module_level_imports_have_no_cycle() -> None:
     for m in sorted(edges):
         if m not in state and (cycle := visit(m)):
             raise AssertionError("an import cycle at module level: " + " -> ".join(cycle))
+
+
+INTEGRATIONS = ("lightning.py", "transformers.py", "keras.py", "runner.py")
+
+
+def private_names(*files: str) -> set[str]:
+    """The underscore attributes that ``files`` give their objects (``self._attached = ...``)."""
+    names = set()
+    for f in files:
+        for node in ast.walk(ast.parse((SRC / f).read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr.startswith("_")
+                    and not node.attr.startswith("__") and isinstance(node.value, ast.Name) and node.value.id == "self"):
+                names.add(node.attr)
+    return names
+
+
+def test_integrations_use_the_watchs_public_api() -> None:
+    """Lightning, HF, Keras and the runner reach a Watch, its streams and probes through public names only
+    (they may use their own private state: self._x)."""
+    private = private_names("watch.py", "probe/torch.py", "guards/base.py")
+    assert {"_attached", "_writer", "_closed", "_guards"} <= private  # the scan sees the Watch's state
+    wrong = []
+    for f in INTEGRATIONS:
+        for node in ast.walk(ast.parse((SRC / f).read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "hooks", "callback")):
+                    wrong.append(f"{f}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.keyword) and node.arg and node.arg.startswith("_"):
+                wrong.append(f"{f}:{node.lineno} {node.arg}=")
+            if isinstance(node, ast.ImportFrom) and any(a.name.startswith("_") for a in node.names):
+                wrong.append(f"{f}:{node.lineno} imports {[a.name for a in node.names if a.name.startswith('_')]}")
+    assert not wrong, "integrations reaching into private state:\n" + "\n".join(wrong)

@@ -225,3 +225,10 @@ def test_diagnose_json_prints_the_contract_format(tmp_path: Path) -> None:
     f = data["findings"][0]
     assert set(f) == {"kind", "severity", "first_step", "last_step", "layers", "summary", "evidence", "remedies"}
     assert set(f["remedies"][0]) == {"action", "args", "why"}
+
+
+def test_a_remedy_reads_as_the_call_it_stands_for() -> None:
+    """One spelling for the terminal, the report and the online line."""
+    assert gw.Remedy("clip_norm", {"max_norm": 1.0}).call() == "clip_norm(max_norm=1.0)"
+    assert gw.Remedy("swap_activation", {"from": "Sigmoid", "to": "ReLU"}).call() == "swap_activation(from=Sigmoid, to=ReLU)"
+    assert gw.Remedy("check_graph").call() == "check_graph()"

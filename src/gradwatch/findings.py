@@ -36,6 +36,10 @@ class Remedy:
     args: dict[str, Any] = field(default_factory=dict)
     why: str = ""
 
+    def call(self) -> str:
+        """The remedy as a call: ``clip_norm(max_norm=1.0)``."""
+        return f"{self.action}({', '.join(f'{k}={v}' for k, v in self.args.items())})"
+
     def to_json(self) -> dict[str, Any]:
         return {"action": self.action, "args": dict(self.args), "why": self.why}
 

@@ -18,7 +18,6 @@ sentence. gradwatch's guards act on torch optimizers and are not available here.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -242,7 +241,7 @@ class KerasAttachment:
 
     def __init__(self, watch: Watch, model: Any, optimizer: Any, variables: list[Any] | None = None, *, wrap: bool = True):
         _check_backend()
-        if getattr(watch, "_guards", None):
+        if watch.guards:
             raise GradwatchError("gradwatch's guards act on torch optimizers; with Keras use its own clipnorm/clipvalue.")
         variables = list(variables if variables is not None else model.trainable_variables)
         if not variables:
@@ -286,7 +285,7 @@ class KerasAttachment:
             self._loss = None
         try:
             self.watch.on_before_optimizer_step(self.view)
-            if self._clip and not self.att.failed:
+            if self._clip and self.watch.watches(self.view):
                 self._record_clipping(grads)
         finally:
             for p, old in swapped:
@@ -313,7 +312,7 @@ class KerasAttachment:
         self.watch.on_after_optimizer_step(self.view)
 
     def _apply(self, grads: Any, trainable_variables: Any = None) -> Any:
-        if self.watch._closed:  # the watch is gone (its fit raised): step as if never wrapped
+        if self.watch.closed:  # the watch is gone (its fit raised): step as if never wrapped
             self.detach()
             return self.optimizer.apply(grads, trainable_variables)
         grads = list(grads)
@@ -325,13 +324,14 @@ class KerasAttachment:
 
     @torch.no_grad()
     def _record_clipping(self, grads: list[Any]) -> None:
-        opt, probe = self.optimizer, self.att.probe
-        after = global_norm([g for g in opt._clip_gradients(grads) if g is not None], probe.device)
+        """The norm after Keras' own clipping (its clipping function, on the same gradients)."""
+        opt = self.optimizer
+        clipped = [g for g in opt._clip_gradients(grads) if g is not None]
+        after = global_norm(clipped, clipped[0].device) if clipped else None
         if after is None:
             return
         limit = opt.global_clipnorm or (opt.clipnorm if not opt.clipvalue else None)
-        threshold = torch.full((), float(limit) if limit else math.nan, device=probe.device)
-        probe.record_guards(after, after / probe.last_global_norm(), threshold, False, False)
+        self.watch.record_clipping(self.view, float(limit) if limit else None, after=after)
 
     def detach(self) -> None:
         release(self.optimizer, self)
@@ -344,7 +344,7 @@ class KerasAttachment:
     def abandon(self) -> None:
         """Undo a wrapper whose fit() raised, and close its run as crashed."""
         self.detach()
-        if not self.watch._closed:
+        if not self.watch.closed:
             self.watch.close(status="crashed")
 
 
@@ -378,9 +378,9 @@ class GradWatch(keras.callbacks.Callback):
         out = self.out if self.out is not None else default_out("keras")
         if self.out is not None and self._fits > 1:  # fit() again with the same callback: a new run beside it
             out = f"{self.out}-{self._fits}"
-        self.watch = Watch(model if isinstance(model, torch.nn.Module) else None, out=out, _lazy=True, **self.watch_options)
-        self.watch._print_summary = not self.watch.quiet
-        self.watch._exit_status = "crashed"  # closed at exit without on_train_end: fit() raised
+        options = {"summary": not self.watch_options.get("quiet", False), **self.watch_options}
+        self.watch = Watch(model if isinstance(model, torch.nn.Module) else None, out=out, attach_later=True, **options)
+        self.watch.status_at_exit = "crashed"  # closed at exit without on_train_end: fit() raised
         try:
             self._attachment = KerasAttachment(self.watch, model, model.optimizer)
             self._attachment.capture_loss(model)

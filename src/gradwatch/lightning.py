@@ -20,7 +20,6 @@ optimizer hooks, which would read the gradients one step late, leave them alone.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -97,8 +96,8 @@ class GradWatch(Callback):
             out = self.out if self.out is not None else default_out("lightning")
             if self.out is not None and self._fits > 1:  # fit() again with the same callback: a new run beside it
                 out = f"{self.out}-{self._fits}"
-            self.watch = Watch(pl_module, out=out, _lazy=True, **self.watch_options)
-            self.watch._print_summary = not self.watch.quiet
+            options = {"summary": not self.watch_options.get("quiet", False), **self.watch_options}
+            self.watch = Watch(pl_module, out=out, attach_later=True, **options)
         clip = trainer.gradient_clip_val
         self._clip = float(clip) if clip else None
         for opt in trainer.optimizers:
@@ -122,23 +121,12 @@ class GradWatch(Callback):
         w = self.watch
         if w is None or not w.watches(optimizer):
             return
-        att = w._attached[id(optimizer)]
-        if self._clip is not None and not att.failed and att.guards is None:
-            self._record_clipping(att)
+        if self._clip is not None:
+            # The norm Lightning's clipping left: the gradients are still the clipped ones after the step.
+            by_norm = self._trainer.gradient_clip_algorithm in (None, "norm")
+            w.record_clipping(optimizer, self._clip if by_norm else None)
         w.on_after_optimizer_step(optimizer)
         self._stepped = True
-
-    @torch.no_grad()
-    def _record_clipping(self, att: Any) -> None:
-        """The norm Lightning's clipping left (the gradients are still the clipped ones after the step)."""
-        probe = att.probe
-        after = probe.current_grad_norm()
-        if after is None:
-            return
-        raw = probe.last_global_norm()
-        threshold = torch.full((), self._clip if self._trainer.gradient_clip_algorithm in (None, "norm") else math.nan,
-                               device=probe.device)
-        probe.record_guards(after, after / raw, threshold, False, False)
 
     def on_train_batch_end(self, trainer: Any, pl_module: torch.nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.watch is None:

@@ -492,7 +492,7 @@ def run_script(
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-    w = Watch(out=out if out is not None else default_out(name), _lazy=True, **watch_options)
+    w = Watch(out=out if out is not None else default_out(name), attach_later=True, **watch_options)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [target, *args]
     if not module:

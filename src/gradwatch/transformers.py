@@ -144,8 +144,8 @@ class GradWatchCallback(TrainerCallback):
             self.watch = self._given
         else:
             out = self.out if self.out is not None else default_out("transformers")
-            self.watch = Watch(model, out=out, _lazy=True, **self.watch_options)
-            self.watch._print_summary = not self.watch.quiet
+            options = {"summary": not self.watch_options.get("quiet", False), **self.watch_options}
+            self.watch = Watch(model, out=out, attach_later=True, **options)
         self.run_dir = self.watch.out
         self._opt = optimizer
         clip = args.max_grad_norm
@@ -243,14 +243,12 @@ class GradWatchCallback(TrainerCallback):
             w.on_before_optimizer_step(self._opt)
         if not w.watches(self._opt):
             return
-        att = w._attached[id(self._opt)]
-        try:
-            if self._clip is not None and att.guards is None:
-                self._record_clipping(att, measured=before)
-            if self.log_to_trainer:
-                self._accumulate(att)
-        except Exception as e:  # a monitor must never stop training
-            w._fail(att, e)
+        if self._clip is not None:
+            # The norm the Trainer's clipping left (the gradients the optimizer is about to get); a step
+            # recorded after the clipping already does not know the norm before it.
+            w.record_clipping(self._opt, self._clip, measured=before)
+        if self.log_to_trainer:
+            self._accumulate(w.last_global_norm(self._opt))
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         w = self.watch
@@ -258,23 +256,10 @@ class GradWatchCallback(TrainerCallback):
             w.on_after_optimizer_step(self._opt)
 
     @torch.no_grad()
-    def _record_clipping(self, att: Any, measured: bool) -> None:
-        """The norm the Trainer's clipping left (the gradients the optimizer is about to get)."""
-        probe = att.probe
-        raw = probe.last_global_norm()
-        threshold = torch.full((), float(self._clip), device=probe.device)
-        if not measured:  # recorded after the clipping already: the norm before it is unknown
-            probe.record_guards(raw, torch.full((), math.nan, device=probe.device), threshold, False, False)
-            return
-        after = probe.current_grad_norm()
-        if after is None:
-            return
-        probe.record_guards(after, after / raw, threshold, False, False)
-
-    @torch.no_grad()
-    def _accumulate(self, att: Any) -> None:
+    def _accumulate(self, norm: torch.Tensor | None) -> None:
         """Device-side running max of the global norm (and clipped-step count) until the next log."""
-        norm = att.probe.last_global_norm()
+        if norm is None:
+            return
         if self._acc_max is None:
             self._acc_max = torch.full((), -math.inf, device=norm.device)
             self._acc_clipped = torch.zeros((), device=norm.device)

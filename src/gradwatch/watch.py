@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import math
 import os
 import platform
 import sys
@@ -195,6 +196,10 @@ class Watch:
         guards: fixes applied at every step between backward and the optimizer step, in order
             (:mod:`gradwatch.guards`: ``ClipNorm(1.0)``, ``SkipNonFinite()``, ``ZClip()``, ...).
             Each optimizer gets its own copy after the first.
+        attach_later: start without an optimizer (and without checking the model's parameters);
+            integrations add each optimizer with :meth:`add_optimizer` once their framework has made it.
+        summary: print the end-of-run summary (sparklines and findings) when closing; default: yes,
+            except with ``attach_later`` (``gradwatch run`` prints a fuller one itself).
 
     Use it as a context manager (hooks attach on enter and detach on exit), or call
     :meth:`attach` and :meth:`close` yourself.
@@ -214,17 +219,18 @@ class Watch:
         report: bool | None = None,
         tensorboard: str | os.PathLike[str] | None = None,
         guards: Sequence[Guard] | Guard | None = None,
-        _lazy: bool = False,
+        attach_later: bool = False,
+        summary: bool | None = None,
     ):
         if model is not None and not isinstance(model, nn.Module):
             raise GradwatchError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         optimizers = _as_optimizer_list(optimizer)
-        if not optimizers and not _lazy:
+        if not optimizers and not attach_later:
             raise GradwatchError(
                 "watch() needs the optimizer: gradwatch reads gradients just before optimizer.step(); "
                 "pass watch(model, optimizer)."
             )
-        if model is not None and not _lazy and not any(True for _ in model.parameters()):
+        if model is not None and not attach_later and not any(True for _ in model.parameters()):
             raise GradwatchError(f"the model ({type(model).__name__}) has no parameters; there is nothing to watch.")
         model = unwrap_model(model)
         self.config = ProbeConfig(flush_every=flush_every, sample_every=sample_every)
@@ -252,7 +258,8 @@ class Watch:
         self._staged_loss_fn: str | None = None
         self.diagnose_online = diagnose_online
         self.report = REPORT_BY_DEFAULT if report is None else report
-        self._print_summary = not _lazy  # the CLI prints a fuller one for `gradwatch run`
+        #: Print the end-of-run summary when closing.
+        self.print_summary = (not attach_later) if summary is None else summary
         self.tensorboard = Path(tensorboard) if tensorboard is not None else None
         self._windows = 0
         #: (optimizer id or None for every stream, listener): see add_window_listener.
@@ -263,7 +270,7 @@ class Watch:
         self._status = "running"
         #: Status if this watch is still open when the interpreter exits (integrations whose
         #: framework reports no exception set it to "crashed": a normal end would have closed it).
-        self._exit_status = "finished"
+        self.status_at_exit = "finished"
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -400,6 +407,40 @@ class Watch:
         if att is not None and "loss" not in att.model_facts:
             self._note_loss(att, loss_node(loss))
 
+    def record_clipping(self, optimizer: Any, threshold: float | None, *, after: torch.Tensor | None = None,
+                        measured: bool = True) -> None:
+        """Record a clipping that the framework did itself (Lightning's ``gradient_clip_val``, the HF
+        Trainer's ``max_grad_norm``, Keras' ``clipnorm``), at the step just recorded: ``grad_norm_clipped``
+        (``after``, or the norm of the gradients as they are now, which must be the clipped ones),
+        ``clip_coef`` and ``clip_threshold`` (None: the clipping has no single norm threshold).
+        ``measured=False``: the step was recorded after the clipping already, so the norm before it is
+        unknown. Device tensors only; a stream with guards records theirs instead."""
+        att = self._attached.get(id(optimizer))
+        if att is None or att.failed or self._closed or att.guards is not None:
+            return
+        try:
+            with torch.no_grad():
+                probe = att.probe
+                raw = probe.last_global_norm()
+                limit = torch.full((), math.nan if threshold is None else float(threshold), device=probe.device)
+                if not measured:
+                    probe.record_guards(raw, torch.full((), math.nan, device=probe.device), limit, False, False)
+                    return
+                if after is None:
+                    after = probe.current_grad_norm()
+                if after is not None:
+                    probe.record_guards(after, after / raw, limit, False, False)
+        except Exception as e:  # a monitor must never stop training
+            self._fail(att, e)
+
+    def last_global_norm(self, optimizer: Any) -> torch.Tensor | None:
+        """The global gradient norm of ``optimizer``'s step just recorded, a 0-d device tensor (no host
+        read), or None if the stream is not recording."""
+        att = self._attached.get(id(optimizer))
+        if att is None or att.failed:
+            return None
+        return att.probe.last_global_norm()
+
     def describe_stream(self, optimizer: Any, **fields: Any) -> None:
         """Add ``fields`` to ``optimizer``'s stream entry in meta.json: where and how its steps are
         recorded (a trainer's recording point, clipping the script does itself)."""
@@ -497,16 +538,15 @@ class Watch:
                     grad_scale = self._record_amp(att, scaler)
                     if grad_scale is not None:
                         grad_scale = grad_scale.detach().reshape(()).to(att.probe.device, torch.float32)
-                        if inputs[3] is not None:
-                            # A fused optimizer unscales inside its kernel: guards judge unscaled norms.
-                            inputs = (*inputs[:3], inputs[3] / grad_scale)
+                        # A fused optimizer unscales inside its kernel: guards judge unscaled norms.
+                        inputs = inputs.unscaled(grad_scale)
                 if att.guards is not None:
                     step = att.guards.before_step(att.probe.step - 1, inputs, grad_scale)
                     att.guard_step = step
                     if step is not None:
                         try:
-                            after, coef, threshold, skipped = att.guards.record(step)
-                            att.probe.record_guards(after, coef, threshold, skipped, step.rolled_back)
+                            r = att.guards.record(step)
+                            att.probe.record_guards(r.norm_after, r.coef, r.threshold, r.skipped, step.rolled_back)
                         except Exception:
                             att.guards.abort(step)  # e.g. take back a skip flag handed to a fused optimizer
                             att.guard_step = None
@@ -669,7 +709,7 @@ class Watch:
                 continue
             self._announced.add(f.kind)
             if not self.quiet:
-                tip = f" Try: {_remedy_text(f.remedies[0])}." if f.remedies else ""
+                tip = f" Try: {f.remedies[0].call()}." if f.remedies else ""
                 print(f"gradwatch: {f.summary}{tip}", file=sys.stderr)
 
     # -- user calls -------------------------------------------------------------------------------
@@ -770,7 +810,7 @@ class Watch:
             steps = max((a.probe.step for a in self._attached.values()), default=0)
             n_layers = len(self._writer.layers)
             print(f"gradwatch: recorded {steps} steps x {n_layers} layers -> {self.out}", file=sys.stderr)
-            if self._print_summary:
+            if self.print_summary:
                 self._summarise()
 
     def _record_notes(self) -> None:
@@ -1008,11 +1048,6 @@ def _flush_before_destroy() -> None:
     _destroy_patched = True
 
 
-def _remedy_text(r: Any) -> str:
-    args = ", ".join(f"{k}={v}" for k, v in r.args.items())
-    return f"{r.action}({args})"
-
-
 def watch(
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
@@ -1077,7 +1112,7 @@ def _close_all(status: str) -> None:
         try:
             # At interpreter exit nothing says the other ranks are exiting too (a wrapper may have
             # caught this rank's exception): the last window is this rank's own, never reduced.
-            w._close(w._exit_status if status == "finished" else status, reduce=False)
+            w._close(w.status_at_exit if status == "finished" else status, reduce=False)
         except Exception as e:  # the record is best effort at this point; say why it failed
             print(f"gradwatch: could not finish {w.out}: {e}", file=sys.stderr)
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import GradwatchError
-from ..probe.torch import per_tensor_norms
+from ..probe.torch import StepInputs, per_tensor_norms
 from ..store import Chunk, LayerInfo
 
 
@@ -214,6 +214,18 @@ class Guard:
         return f"{d['name']}({args})"
 
 
+@dataclass(frozen=True)
+class GuardRecord:
+    """What the guards did to one step: the global norm after them, its ratio to the norm before
+    (the clip coefficient), the threshold they clipped to (None: no norm threshold), and whether the
+    step was skipped (a device flag, or a host bool when that was decided on the host)."""
+
+    norm_after: torch.Tensor
+    coef: torch.Tensor
+    threshold: torch.Tensor | None
+    skipped: torch.Tensor | bool
+
+
 @dataclass
 class GuardChain:
     """The guards of one optimizer, run in order, with the step's record."""
@@ -226,18 +238,15 @@ class GuardChain:
         for g in self.guards:
             g.setup(self.setup)
 
-    def before_step(
-        self, index: int, inputs: tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None],
-        grad_scale: torch.Tensor | None = None,
-    ) -> GuardStep | None:
+    def before_step(self, index: int, inputs: StepInputs, grad_scale: torch.Tensor | None = None) -> GuardStep | None:
         """Run every guard on this step's gradients; return the step (None if it has no gradients)."""
         if self._stop is not None:
             stop, self._stop = self._stop, None
             raise stop
-        ids, params, grads, norms = inputs
-        if not grads or norms is None:
+        if not inputs.grads or inputs.norms is None:
             return None
-        step = GuardStep(index, ids, params, grads, norms, self.setup.device, self.setup.reduce_norms, grad_scale)
+        step = GuardStep(index, inputs.ids, inputs.params, inputs.grads, inputs.norms, self.setup.device,
+                         self.setup.reduce_norms, grad_scale)
         try:
             self._run(step)
         except BaseException:
@@ -274,12 +283,11 @@ class GuardChain:
             for g in self.guards:
                 g.after_step(step)
 
-    def record(self, step: GuardStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | bool]:
-        """(norm after, clip coefficient, threshold, skipped) of the step, as device tensors."""
+    def record(self, step: GuardStep) -> "GuardRecord":
+        """What the guards did to the step, as device tensors (no host read)."""
         after = step.norm()
-        coef = after / step.raw_norm
         skipped: torch.Tensor | bool = True if step.host_skip else (step.skip if step.skip_requested else False)
-        return after, coef, step.threshold, skipped
+        return GuardRecord(after, after / step.raw_norm, step.threshold, skipped)
 
     def on_window(self, chunk: Chunk) -> None:
         """Host-side decisions from a flushed window; a guard's stop is raised at the next step

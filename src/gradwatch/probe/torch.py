@@ -31,7 +31,7 @@ import math
 import sys
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -153,6 +153,22 @@ def build_layer_table(
 #: Steps at the start of a run that are sampled every other step: many real runs are 20-60 steps
 #: long, and each rule needs a few sampled values (dead units: three) to decide.
 SHORT_RUN_STEPS = 10
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What the guards judge a step by, as the probe computed it: the layers that have a gradient,
+    their parameters and gradients, and the gradients' norms (one device tensor, summed over the
+    data-parallel ranks), in the same order."""
+
+    ids: list[int]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    norms: torch.Tensor | None
+
+    def unscaled(self, scale: torch.Tensor) -> "StepInputs":
+        """The same step with its norms divided by a loss scale still carried by the gradients."""
+        return self if self.norms is None else replace(self, norms=self.norms / scale)
 
 
 @dataclass(frozen=True)
@@ -608,7 +624,7 @@ class TorchProbe:
         #: Whether to keep each step's gradients and norms for guards (set by a watch with guards).
         self.keep_step_inputs = False
         #: This step's gradients and their norms, for guards: (layer ids, params, grads, norms).
-        self.step_inputs: tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None] = ([], [], [], None)
+        self.step_inputs = StepInputs([], [], [], None)
 
         self._rows = 0  # rows of the ring in use
         self.step = 0  # optimizer steps seen
@@ -729,7 +745,7 @@ class TorchProbe:
             norms_all = None if not all_norms else all_norms[0] if len(all_norms) == 1 else torch.cat(all_norms)
             if norms_all is not None:
                 norms_all = self.reduce_step_norms(all_ids, norms_all)  # same decisions on every rank
-            self.step_inputs = (all_ids, all_params, all_grads, norms_all)
+            self.step_inputs = StepInputs(all_ids, all_params, all_grads, norms_all)
         if self._tap is not None and self._tap.attached:
             tap = self._tap
             fired, judge = tap.fired, tap.judge

@@ -41,7 +41,7 @@ def _findings_html(findings: list) -> str:  # type: ignore[type-arg]
     parts = []
     for f in findings:
         remedies = "".join(
-            f"<li><code>{_e(r.action)}({_e(', '.join(f'{k}={v}' for k, v in r.args.items()))})</code> — {_e(r.why)}</li>"
+            f"<li><code>{_e(r.call())}</code> — {_e(r.why)}</li>"
             for r in f.remedies
         )
         layers = ", ".join(_e(x) for x in f.layers[:12]) + (f" (+{len(f.layers) - 12} more)" if len(f.layers) > 12 else "")

@@ -210,8 +210,7 @@ def findings_view(findings: list) -> Group | Text:  # type: ignore[type-arg]
             table.add_row("layers", shown)
         table.add_row("steps", f"{f.first_step} .. {f.last_step}")
         for rank, r in enumerate(f.remedies[:4], 1):
-            args = ", ".join(f"{k}={v}" for k, v in r.args.items())
-            table.add_row(f"fix {rank}", Text(f"{r.action}({args}) — {r.why}"))
+            table.add_row(f"fix {rank}", Text(f"{r.call()} — {r.why}"))
         parts.append(table)
     return Group(*parts)
 
