@@ -14,7 +14,7 @@ import pytest
 
 os.environ["GRADWATCH_REPORT"] = "0"
 os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3's default backend, TensorFlow, is not installed
-watch_module = importlib.import_module("gradwatch.watch")  # `gradwatch.watch` is also the function
+session_module = importlib.import_module("gradwatch.session")
 
 
 #: Files whose every test is an integration test.
@@ -34,4 +34,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _no_report_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(watch_module, "REPORT_BY_DEFAULT", False)
+    monkeypatch.setattr(session_module, "REPORT_BY_DEFAULT", False)

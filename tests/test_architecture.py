@@ -16,11 +16,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("store", ("store",)),
     ("diagnose", ("diagnose",)),
     ("report", ("report",)),
-    ("framework side", ("frameworks", "objects", "shutdown", "amp", "probe", "guards", "watch", "treatment", "surgery", "runner",
+    ("session", ("session", "shutdown")),
+    ("framework side", ("frameworks", "objects", "amp", "probe", "guards", "watch", "treatment", "surgery", "runner",
                         "keras", "lightning", "transformers", "testing", "scenarios", "doctor")),
     ("entry points", ("cli", "__main__", "__init__")),
 ]
-CORE = {"base", "findings", "store", "diagnose", "report"}
+CORE = {"base", "findings", "store", "diagnose", "report", "session"}
 FRAMEWORKS = ("torch", "keras", "tensorflow", "jax", "flax", "optax", "lightning", "pytorch_lightning",
               "transformers", "accelerate")
 
@@ -167,7 +168,7 @@ def private_names(*files: str) -> set[str]:
 def test_integrations_use_the_watchs_public_api() -> None:
     """Lightning, HF, Keras and the runner reach a Watch, its streams and probes through public names only
     (they may use their own private state: self._x)."""
-    private = private_names("watch.py", "probe/torch.py", "guards/base.py")
+    private = private_names("session.py", "watch.py", "probe/torch.py", "guards/base.py")
     assert {"_attached", "_writer", "_closed", "_guards"} <= private  # the scan sees the Watch's state
     wrong = []
     for f in INTEGRATIONS:

@@ -253,7 +253,7 @@ def _cmd_doctor(ns: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .doctor import doctor
-    from .watch import default_out
+    from .session import default_out
 
     name = ns.target.rsplit(".", 1)[-1] if ns.module else Path(ns.target).stem
     out = Path(ns.out) if ns.out else default_out(f"doctor-{name}")
@@ -310,7 +310,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     from .scenarios.base import check
     from .scenarios.demo import list_scenarios, run_demo
     from .store import load_run
-    from .watch import default_out
+    from .session import default_out
 
     if ns.list:
         list_scenarios(Console(highlight=False))

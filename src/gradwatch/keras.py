@@ -26,7 +26,8 @@ import torch
 from .errors import GradwatchError
 from .probe.torch import TapTarget, global_norm
 from .store import LayerInfo
-from .watch import Watch, claim, default_out, release
+from .session import default_out
+from .watch import Watch, claim, release
 
 try:
     import keras

@@ -28,7 +28,8 @@ import torch
 
 from .errors import GradwatchError
 from .store import Chunk
-from .watch import Watch, claim, default_out, refuse_rank0_guards, release
+from .session import default_out
+from .watch import Watch, claim, refuse_rank0_guards, release
 
 try:
     from lightning.pytorch.callbacks import Callback

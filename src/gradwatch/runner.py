@@ -35,7 +35,8 @@ from .errors import GradwatchError
 from .guards.base import GuardStop
 from .objects import live_instances
 from .treatment import TreatmentRefused
-from .watch import Watch, claimed_by, default_out, loss_node, unwrap_model
+from .session import default_out
+from .watch import Watch, claimed_by, loss_node, unwrap_model
 
 
 def find_owner_module(params: Sequence[torch.Tensor]) -> nn.Module | None:

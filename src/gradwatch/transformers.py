@@ -59,7 +59,8 @@ from typing import Any
 import torch
 
 from .errors import GradwatchError
-from .watch import Watch, claim, default_out, refuse_rank0_guards, release
+from .session import default_out
+from .watch import Watch, claim, refuse_rank0_guards, release
 
 try:
     from transformers import TrainerCallback

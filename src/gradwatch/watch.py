@@ -1,45 +1,34 @@
 """`gradwatch.watch`: attach to a PyTorch training loop, record, detach.
 
-A :class:`Watch` owns one run directory and one probe per optimizer (a *stream*). It hooks each
-optimizer's step (``register_step_pre_hook`` / ``register_step_post_hook``); the runner instead
-drives the same entry points from torch's global optimizer hooks.
-
-Never lose the record: the final partial window is flushed on normal exit, on an exception leaving
-the ``with`` block, at interpreter exit (``atexit``) and on SIGTERM (turned into ``SystemExit`` so the
-same paths run). A SIGKILL loses at most the steps since the last flush.
+A :class:`Watch` is the PyTorch side of a run (:class:`gradwatch.session.RunSession` holds the run
+directory and its lifecycle): one probe per optimizer (a *stream*), its guards and AMP's part. It
+hooks each optimizer's step (``register_step_pre_hook`` / ``register_step_post_hook``); the runner
+and the trainer callbacks drive the same entry points from their own hook points.
 """
 
 from __future__ import annotations
 
-import atexit
 import copy
 import math
 import os
 import platform
 import sys
-import time
 import traceback
 import weakref
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from . import amp, shutdown
+from .session import RunSession, live_sessions, status_for
+from .session import DEFAULT_ROOT, default_out  # noqa: F401  (their old home: gradwatch.watch.default_out)
 from .errors import GradwatchError
 from .guards.base import Guard, GuardChain, GuardSetup, GuardStep, GuardStop, as_guard_list, say_to_stderr
 from .probe.distributed import process_rank
 from .probe.torch import ProbeConfig, TorchProbe, build_layer_table
-from .store import Chunk, LayerInfo, RunWriter, StreamWriter, load_run
-
-DEFAULT_ROOT = "gradwatch-runs"
-#: Online diagnosis runs after each of the first windows, then after windows 2^k.
-ONLINE_EVERY_WINDOW_UNTIL = 20
-#: Whether a watch writes report.html when it closes, unless told otherwise (GRADWATCH_REPORT=0: no).
-REPORT_BY_DEFAULT = os.environ.get("GRADWATCH_REPORT", "1") != "0"
-
+from .store import Chunk, LayerInfo, StreamWriter
 
 #: Autograd nodes that only rescale or copy a loss (``loss / accumulate_grad_batches`` in Lightning
 #: and the HF Trainer, ``loss * weight``): the loss function is the node below them.
@@ -59,17 +48,6 @@ def loss_node(loss: Any) -> str | None:
             break
         node = inputs[0]
     return type(node).__name__ if node is not None else None
-
-
-def default_out(name: str = "run") -> Path:
-    """``gradwatch-runs/NAME-YYYYmmdd-HHMMSS`` (with a suffix if that exists already)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(DEFAULT_ROOT) / f"{name}-{stamp}"
-    path, k = base, 1
-    while path.exists():
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    return path
 
 
 def framework_info() -> dict[str, Any]:
@@ -114,40 +92,6 @@ class _Attached:
         self.stored_through = -1
 
 
-class _NullStream:
-    """A stream on a rank that does not write (data parallel: rank 0 writes the run)."""
-
-    def __init__(self, index: int):
-        self.index = index
-        self.rows_written = 0
-
-    def append(self, chunk: Chunk) -> None:
-        self.rows_written += len(chunk)
-
-
-class _NullWriter:
-    """RunWriter's interface for ranks other than 0: the layer table in memory, no file touched."""
-
-    def __init__(self) -> None:
-        self.layers: list[LayerInfo] = []
-        self.streams: list[dict[str, Any]] = []
-        self.meta: dict[str, Any] = {}
-
-    def add_stream(self, layers: Sequence[LayerInfo], info: dict[str, Any], label: str | None = None) -> _NullStream:
-        index = len(self.streams)
-        first = len(self.layers)
-        self.layers.extend(layers)
-        self.streams.append({"index": index, "label": label or f"opt{index}", "layers": list(range(first, len(self.layers))),
-                             **info})
-        return _NullStream(index)
-
-    def update_meta(self, **fields: Any) -> None:
-        self.meta.update(fields)
-
-    def finish(self, status: str = "finished") -> None:
-        self.meta["status"] = status
-
-
 def unwrap_model(model: nn.Module | None) -> nn.Module | None:
     """The user's module inside DistributedDataParallel / torch.compile wrappers (same parameters),
     so layers keep their own module paths (``0.weight``, not ``module.0.weight`` or ``_orig_mod.0.weight``)."""
@@ -174,7 +118,7 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float | torch.Tensor | None
     return groups[0].get("lr") if groups else None
 
 
-class Watch:
+class Watch(RunSession):
     """Records per-layer gradient and weight statistics of a PyTorch training run.
 
     Args:
@@ -205,6 +149,11 @@ class Watch:
     :meth:`attach` and :meth:`close` yourself.
     """
 
+    nothing_recorded = (
+        "gradwatch: no optimizer step was watched, so nothing was recorded "
+        "(gradwatch records at torch.optim.Optimizer.step() and Keras' optimizer.apply(); "
+        "a 'not recording' line above says why an optimizer was left out).")
+
     def __init__(
         self,
         model: nn.Module | None = None,
@@ -234,43 +183,23 @@ class Watch:
             raise GradwatchError(f"the model ({type(model).__name__}) has no parameters; there is nothing to watch.")
         model = unwrap_model(model)
         self.config = ProbeConfig(flush_every=flush_every, sample_every=sample_every)
+        super().__init__(out, overwrite=overwrite, quiet=quiet, diagnose_online=diagnose_online, report=report,
+                         tensorboard=tensorboard, summary=(not attach_later) if summary is None else summary,
+                         options=asdict(self.config), framework=framework_info, rank=process_rank)
         self._guards = as_guard_list(guards)
         # Fresh copies for further optimizers, taken before the first stream's guards hold any state.
         self._guard_templates = copy.deepcopy(self._guards)
         self.model = model
-        self.out = Path(out) if out is not None else default_out()
-        self.quiet = quiet
         self._optimizers = optimizers
-        self._overwrite = overwrite
-        #: This process's rank under torch.distributed (torchrun's RANK before the group exists):
-        #: only rank 0 writes the run, prints, diagnoses and reports; the others compute the same
-        #: statistics (they take part in the reductions) and touch no file.
-        self.rank = process_rank()
         #: Whether every rank runs this watch, so statistics are summed over ranks at each flush
         #: (integrations that record on rank 0 only turn it off).
         self.reduce_ranks = True
         amp.install(_amp_listener)  # GradScaler.step tells us the steps it skips
         _flush_before_destroy()  # a script's destroy_process_group() must not strand the last window
-        self._writer: RunWriter | None = None
         self._attached: dict[int, _Attached] = {}
         self._last: _Attached | None = None
         self._staged_loss: torch.Tensor | None = None
         self._staged_loss_fn: str | None = None
-        self.diagnose_online = diagnose_online
-        self.report = REPORT_BY_DEFAULT if report is None else report
-        #: Print the end-of-run summary when closing.
-        self.print_summary = (not attach_later) if summary is None else summary
-        self.tensorboard = Path(tensorboard) if tensorboard is not None else None
-        self._windows = 0
-        #: (optimizer id or None for every stream, listener): see add_window_listener.
-        self._listeners: list[tuple[int | None, Any]] = []
-        self._announced: set[str] = set()
-        self._findings: list[Any] | None = None
-        self._closed = False
-        self._status = "running"
-        #: Status if this watch is still open when the interpreter exits (integrations whose
-        #: framework reports no exception set it to "crashed": a normal end would have closed it).
-        self.status_at_exit = "finished"
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -279,7 +208,7 @@ class Watch:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        self.close(status=_status_for(exc))
+        self.close(status="stopped" if isinstance(exc, GuardStop) else status_for(exc))
 
     def attach(self) -> "Watch":
         """Hook every optimizer given at construction."""
@@ -291,24 +220,6 @@ class Watch:
     def _reduces(self) -> bool:
         """Whether any stream sums its windows over data-parallel ranks."""
         return any(a.probe.reducer is not None for a in self._attached.values())
-
-    @property
-    def writes(self) -> bool:
-        """Whether this process writes the run (rank 0, or no torch.distributed)."""
-        return self.rank == 0
-
-    def _ensure_writer(self) -> RunWriter:
-        if self._writer is None:
-            self.rank = process_rank()  # the process group may have started since construction
-            if not self.writes:
-                self.quiet = True  # one voice per job: rank 0's
-                self._writer = _NullWriter()  # type: ignore[assignment]
-            else:
-                options = {**asdict(self.config)}
-                self._writer = RunWriter(self.out, options=options, framework=framework_info(), overwrite=self._overwrite)
-            _live.add(self)
-            shutdown.acquire()
-        return self._writer
 
     def add_optimizer(
         self,
@@ -445,26 +356,12 @@ class Watch:
         """Add ``fields`` to ``optimizer``'s stream entry in meta.json: where and how its steps are
         recorded (a trainer's recording point, clipping the script does itself)."""
         att = self._attached.get(id(optimizer))
-        if att is None or not self.writes or self._writer is None:
+        if att is None:
             return
         try:
-            self._writer.streams[att.stream.index].update(fields)
-            self._writer.update_meta()
+            self._update_stream(att.stream.index, fields)
         except Exception as e:  # a note in meta.json is not worth a failed run
             print(f"gradwatch: could not note {', '.join(fields)} in meta.json ({type(e).__name__}: {e}).", file=sys.stderr)
-
-    def add_window_listener(self, listener: Any, optimizer: Any = None) -> Any:
-        """Call ``listener(chunk)`` with each window stored from now on: of ``optimizer``'s stream, or
-        of every stream. Host data only (integrations log from it; no device read). Returns a
-        function that removes the listener again."""
-        entry = (None if optimizer is None else id(optimizer), listener)
-        self._listeners.append(entry)
-
-        def remove() -> None:
-            if entry in self._listeners:
-                self._listeners.remove(entry)
-
-        return remove
 
     # -- torch step hooks (a watch's own, and the runner's global ones) ------------------------------
 
@@ -622,11 +519,11 @@ class Watch:
         )
         traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
 
-    # -- online diagnosis ---------------------------------------------------------------------------
+    # -- windows ------------------------------------------------------------------------------------
 
     def _on_window(self, att: _Attached, chunk: Chunk) -> None:
-        """A flushed window: store it, let the guards decide what waits for the host, then (on a
-        thinning schedule) diagnose what is stored so far."""
+        """A flushed window: store it, note what it says about the model, let the guards decide what
+        waits for the host, and pass it on (listeners, online diagnosis)."""
         if att.store_failed is None:
             try:
                 att.stream.append(chunk)
@@ -643,19 +540,7 @@ class Watch:
         self._record_model_facts(att)
         if att.guards is not None:
             att.guards.on_window(chunk)
-        for key, listener in list(self._listeners):
-            if key is not None and key != id(att.optimizer):
-                continue
-            try:
-                listener(chunk)
-            except Exception as e:  # a logger must not cost the record
-                print(f"gradwatch: could not pass a window on ({type(e).__name__}: {e}).", file=sys.stderr)
-        self._windows += 1
-        w = self._windows
-        # Every window at first, then at powers of two: online diagnosis stays O(n log n) overall.
-        # Quiet watches announce nothing, so they skip it; the final diagnosis runs either way.
-        if self.diagnose_online and not self.quiet and self.writes and (w <= ONLINE_EVERY_WINDOW_UNTIL or w & (w - 1) == 0):
-            self._diagnose_online()
+        self._pass_window(id(att.optimizer), chunk)
 
     def _record_model_facts(self, att: _Attached) -> None:
         """Host-side facts the diagnosis reads (execution order, loss function) into meta.json,
@@ -691,26 +576,21 @@ class Watch:
         ends = [a.stored_through for a in self._attached.values() if a.probe.step > 0 and not a.failed]
         return min(ends, default=-1)
 
-    def _diagnose_online(self) -> None:
-        from .diagnose import diagnose
+    def _several_streams(self) -> bool:
+        return len(self._attached) > 1
 
-        upto = self._stored_through()
-        if upto < 0:
-            return  # a stream has nothing stored yet: diagnose at the next window, when it has
-        try:
-            run = load_run(self.out)
-            findings = diagnose(run.until(upto) if len(self._attached) > 1 else run)
-        except Exception as e:  # diagnosis must never stop training
-            print(f"gradwatch: online diagnosis failed ({type(e).__name__}: {e}); recording continues.", file=sys.stderr)
-            self.diagnose_online = False
-            return
-        for f in findings:
-            if f.severity == "info" or f.kind in self._announced:
-                continue
-            self._announced.add(f.kind)
-            if not self.quiet:
-                tip = f" Try: {f.remedies[0].call()}." if f.remedies else ""
-                print(f"gradwatch: {f.summary}{tip}", file=sys.stderr)
+    def _can_flush_alone(self) -> bool:
+        return not self._reduces
+
+    def _flush_streams(self, reduce: bool) -> None:
+        self._flush(reduce=reduce)
+
+    def _detach(self) -> None:
+        self.detach()
+
+    def _note_streams(self) -> None:
+        self._record_guards()
+        self._record_notes()
 
     # -- user calls -------------------------------------------------------------------------------
 
@@ -763,56 +643,6 @@ class Watch:
             att.probe.remove_hooks()
             release(att.optimizer, self)
 
-    def close(self, status: str = "finished") -> None:
-        """Detach, flush what is buffered, and mark the run ``finished`` (or ``crashed``)."""
-        # Every rank ends a finished (or guard-stopped) run at the same step; a crash or an interrupt
-        # reaches one rank alone, which must not wait for the others in a reduction.
-        self._close(status, reduce=status in ("finished", "stopped"))
-
-    def _close(self, status: str, reduce: bool) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.detach()
-        if self._writer is None:
-            if not self.quiet and self.writes:
-                print(
-                    "gradwatch: no optimizer step was watched, so nothing was recorded "
-                    "(gradwatch records at torch.optim.Optimizer.step() and Keras' optimizer.apply(); "
-                    "a 'not recording' line above says why an optimizer was left out).",
-                    file=sys.stderr,
-                )
-            return
-        with shutdown.critical:
-            try:
-                self._flush(reduce=reduce)
-            except Exception as e:  # training is over: say what is missing, do not fail the script now
-                print(f"gradwatch: could not write the last steps to {self.out} ({type(e).__name__}: {e}); "
-                      "the run holds what was written before.", file=sys.stderr)
-            finally:
-                self._record_guards()
-                self._record_notes()
-                try:
-                    self._writer.finish(status)
-                except Exception as e:
-                    print(f"gradwatch: could not mark {self.out} as {status} ({type(e).__name__}: {e}).", file=sys.stderr)
-                self._status = status
-                _live.discard(self)
-                shutdown.release()
-            if not self.writes:
-                return  # rank 0 diagnoses, reports and prints
-            self._final_diagnosis()
-            if self.report:
-                self._write_report()
-            if self.tensorboard is not None:
-                self._write_tensorboard()
-        if not self.quiet:
-            steps = max((a.probe.step for a in self._attached.values()), default=0)
-            n_layers = len(self._writer.layers)
-            print(f"gradwatch: recorded {steps} steps x {n_layers} layers -> {self.out}", file=sys.stderr)
-            if self.print_summary:
-                self._summarise()
-
     def _record_notes(self) -> None:
         """What a stream could not record, and why, into meta.json (and on stderr unless quiet)."""
         for att in self._attached.values():
@@ -846,57 +676,12 @@ class Watch:
                 for line in lines:
                     print(f"gradwatch: {line}", file=sys.stderr)
 
-    def _final_diagnosis(self) -> None:
-        from .diagnose import diagnose, write_findings
-
-        try:
-            self._findings = diagnose(load_run(self.out))
-            write_findings(self.out, self._findings)
-        except Exception as e:  # the record is safe; say why the diagnosis is missing
-            print(f"gradwatch: could not diagnose {self.out} ({type(e).__name__}: {e}); "
-                  f"run `gradwatch diagnose {self.out}` to retry.", file=sys.stderr)
-
-    def _summarise(self) -> None:
-        """The end-of-run terminal summary: sparklines of loss and norm, then each finding."""
-        try:
-            from .report.terminal import print_findings, print_summary
-
-            print_summary(load_run(self.out), layers=False)
-            print_findings(self._findings or [])
-        except Exception as e:  # a summary is a convenience; the run is stored
-            print(f"gradwatch: no summary ({type(e).__name__}: {e})", file=sys.stderr)
-
-    def _write_tensorboard(self) -> None:
-        try:
-            from .report.tensorboard import export_tensorboard
-
-            path = export_tensorboard(self.out, self.tensorboard, overwrite=True)
-            if not self.quiet:
-                print(f"gradwatch: TensorBoard events -> {path}", file=sys.stderr)
-        except Exception as e:  # the run is stored; the export can be redone from it
-            print(f"gradwatch: could not write TensorBoard events ({type(e).__name__}: {e})", file=sys.stderr)
-
-    def _write_report(self) -> None:
-        try:
-            from .report.html import write_report
-
-            path = write_report(self.out)
-            if not self.quiet:
-                print(f"gradwatch: report -> {path}", file=sys.stderr)
-        except Exception as e:  # the run and its findings are stored; the picture can be redrawn
-            print(f"gradwatch: could not write the report ({type(e).__name__}: {e}); "
-                  f"run `gradwatch report {self.out}` to retry.", file=sys.stderr)
-
     # -- results ----------------------------------------------------------------------------------
 
     @property
     def guards(self) -> list[Guard]:
         """The guards given to this watch (each stream runs its own copy)."""
         return list(self._guards)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def attached(self) -> bool:
@@ -906,33 +691,6 @@ class Watch:
     def steps(self) -> int:
         """Optimizer steps seen so far (the most of any stream)."""
         return max((a.probe.step for a in self._attached.values()), default=0)
-
-    @property
-    def layers(self) -> list[LayerInfo]:
-        return list(self._writer.layers) if self._writer else []
-
-    @property
-    def run(self):
-        """The stored run, read back (flushes first if still recording; under torch.distributed it
-        reads what is stored, since a flush on one rank alone would wait for the others)."""
-        if not self.writes:
-            raise GradwatchError(f"rank {self.rank} does not write the run; "
-                                 f"read it on rank 0 (or load_run({str(self.out)!r}) there).")
-        if not self._closed and not self._reduces:
-            self.flush()
-        return load_run(self.out)
-
-    @property
-    def findings(self) -> list[Any]:
-        """The :class:`~gradwatch.diagnose.Finding` list: final once closed, so far while recording."""
-        if self._writer is None or not self.writes:
-            return []  # under torch.distributed, rank 0 holds the diagnosis
-        if self._findings is not None:
-            return list(self._findings)
-        from .diagnose import diagnose
-
-        return diagnose(self.run)
-
 
 #: The code of torch's hooked ``Optimizer.step`` wrapper (one code object for every hooked class).
 _STEP_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
@@ -997,7 +755,8 @@ def refuse_rank0_guards(guards: Any, world_size: int, callback: str, framework_c
 def _amp_listener(scaler: Any, optimizer: torch.optim.Optimizer) -> Any:
     """Before a GradScaler step: note each watching stream's step count; after it, a count that did
     not move means the scaler skipped optimizer.step()."""
-    targets = [(w, w._attached[id(optimizer)]) for w in list(_live) if id(optimizer) in w._attached]
+    targets = [(w, w._attached[id(optimizer)]) for w in live_sessions()
+               if isinstance(w, Watch) and id(optimizer) in w._attached]
     if not targets:
         return None
     before = [(w, att, att.probe.step) for w, att in targets]
@@ -1033,8 +792,8 @@ def _flush_before_destroy() -> None:
             # Called while an exception propagates (a `finally:` after this rank crashed), the other
             # ranks are not here: this rank's window is flushed as its own, without a reduction.
             alone = sys.exc_info()[0] is not None
-            for w in list(_live):
-                if not w._closed and w._reduces:
+            for w in live_sessions():
+                if isinstance(w, Watch) and not w._closed and w._reduces:
                     try:
                         w._flush(reduce=not alone)
                     except Exception as e:  # the script's shutdown goes on
@@ -1084,37 +843,3 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = repr(v)
     return out
-
-
-def _status_for(exc: BaseException | None) -> str:
-    if exc is None:
-        return "finished"
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    if isinstance(exc, GuardStop):
-        return "stopped"
-    if isinstance(exc, SystemExit):
-        return "finished" if exc.code in (0, None) else "interrupted"
-    return "crashed"
-
-
-# ----------------------------------------------------------------------- never lose the record
-
-_live: "weakref.WeakSet[Watch]" = weakref.WeakSet()
-
-
-def _close_all(status: str) -> None:
-    # An exception that ended the script reaches atexit as sys.last_value: the run crashed (and under
-    # data parallelism this rank is alone now: its last window must not wait for a reduction).
-    if status == "finished" and getattr(sys, "last_value", None) is not None:
-        status = "crashed"
-    for w in list(_live):
-        try:
-            # At interpreter exit nothing says the other ranks are exiting too (a wrapper may have
-            # caught this rank's exception): the last window is this rank's own, never reduced.
-            w._close(w.status_at_exit if status == "finished" else status, reduce=False)
-        except Exception as e:  # the record is best effort at this point; say why it failed
-            print(f"gradwatch: could not finish {w.out}: {e}", file=sys.stderr)
-
-
-atexit.register(_close_all, "finished")
