@@ -31,6 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .ring import LOSS, STEP_SLOTS, RingLayout
+
 try:  # torch.distributed is optional in torch builds
     import torch.distributed as dist
 except ImportError:  # pragma: no cover - builds without distributed support
@@ -114,17 +116,14 @@ class WindowReducer:
     Args:
         params: the probe's parameters in layer order (plain tensors or DTensors).
         rank, world_size: this process and the default group's size.
-        blocks: the probe's ring block names, in ring order.
-        step_slots: number of per-step slots before the blocks; ``loss_slot`` among them.
+        layout: the probe's ring layout.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], rank: int, world_size: int, blocks: Sequence[str],
-                 step_slots: int, loss_slot: int, device: torch.device):
+    def __init__(self, params: Sequence[torch.Tensor], rank: int, world_size: int, layout: RingLayout,
+                 device: torch.device):
         self.rank, self.world = rank, world_size
         self.group = gradwatch_group()
-        self.blocks = list(blocks)
-        self.step_slots = step_slots
-        self.loss_slot = loss_slot
+        self.layout = layout
         self.device = device
         n = len(params)
         self.n = n
@@ -139,10 +138,6 @@ class WindowReducer:
         #: Size of the latest flush's all_reduce, in bytes.
         self.last_bytes = 0
         self._step_weights: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def _block(self, ring: torch.Tensor, name: str) -> torch.Tensor:
-        start = self.step_slots + self.blocks.index(name) * self.n
-        return ring[:, start : start + self.n]
 
     # -- per step (guards) --------------------------------------------------------------------------
 
@@ -177,29 +172,29 @@ class WindowReducer:
         w = self._weight[None, :]
         # Norms -> weighted squares.
         for name in ("g_norm", "w_norm", "dw_norm"):
-            b = self._block(r, name)
+            b = self.layout.block(r, name)
             b.copy_(b.square() * w)
         # Centred norms -> c² + s²/n per shard; sums weighted.
         for c_name, s_name in (("g_cnorm", "g_sum"), ("w_cnorm", "w_sum")):
-            c, s = self._block(r, c_name), self._block(r, s_name)
+            c, s = self.layout.block(r, c_name), self.layout.block(r, s_name)
             c.copy_((c.square() + s.square() / self._local_n[None, :]) * w)
             s.mul_(w)
         # Activations: the mean over ranks.
         for name in ("a_dead", "a_sat", "a_const"):
-            self._block(r, name).div_(W)
+            self.layout.block(r, name).div_(W)
         # Loss: summed where logged, with the count of ranks that logged it.
         logged = torch.as_tensor(loss_logged[:n_rows], dtype=torch.float64).to(r.device)
-        loss = r[:, self.loss_slot]
+        loss = r[:, LOSS]
         loss.copy_(torch.where(logged > 0, loss, 0.0))
         # Max |g|: a gather through the sum, only for the sampled rows (the others are NaN anyway).
         rows = torch.as_tensor(list(sampled_rows), dtype=torch.long).to(r.device)
-        gmin, gmax = self._block(r, "g_min"), self._block(r, "g_max")
+        gmin, gmax = self.layout.block(r, "g_min"), self.layout.block(r, "g_max")
         maxabs = torch.maximum(-gmin.index_select(0, rows), gmax.index_select(0, rows))
         gather = torch.zeros((W, len(sampled_rows), L), dtype=torch.float64, device=r.device)
         gather[self.rank] = maxabs
         # Guard slots and the learning rate are the same on every rank: averaged back unchanged.
-        steps_part = r[:, : self.step_slots]
-        others = [i for i in range(self.step_slots) if i != self.loss_slot]
+        steps_part = r[:, :STEP_SLOTS]
+        others = [i for i in range(STEP_SLOTS) if i != LOSS]
         steps_part[:, others] = steps_part[:, others] / W
         h = hist.to(torch.float64) * self._weight[None, :, None]
         packed = torch.cat([r.reshape(-1), h.reshape(-1), gather.reshape(-1), logged])
@@ -217,11 +212,8 @@ class WindowReducer:
 
     def _undo(self, ring: np.ndarray, gathered: np.ndarray, n_logged: np.ndarray,
               sampled_rows: Sequence[int]) -> np.ndarray:
-        L = self.n
-
         def block(name: str) -> np.ndarray:
-            start = self.step_slots + self.blocks.index(name) * L
-            return ring[:, start : start + L]
+            return self.layout.block(ring, name)
 
         with np.errstate(invalid="ignore", divide="ignore"):
             for name in ("g_norm", "w_norm", "dw_norm"):
@@ -231,7 +223,7 @@ class WindowReducer:
             for c_name, s_name in (("g_cnorm", "g_sum"), ("w_cnorm", "w_sum")):
                 c, s = block(c_name), block(s_name)
                 c[:] = np.sqrt(np.maximum(c - s * s / numel, 0.0))
-            loss = ring[:, self.loss_slot]
+            loss = ring[:, LOSS]
             loss[:] = np.where(n_logged > 0, loss / np.maximum(n_logged, 1.0), np.nan)
             gmin, gmax = block("g_min"), block("g_max")
             gmin[:] = np.nan
