@@ -187,7 +187,7 @@ class _KerasHooks:
 
     def __init__(self, watch: Watch, others: dict[int, Any] | None = None):
         self._watch = watch
-        self._attached: dict[int, Any] = {}
+        self._attachments: dict[int, Any] = {}
         self._refused: set[int] = set()
         self._others = others if others is not None else {}
         self._imports = _AfterImport({"keras.src.optimizers.base_optimizer": self._patch})
@@ -221,15 +221,15 @@ class _KerasHooks:
         if owner is not None:  # the script's own callback records it
             self._others[id(owner)] = owner
             return None
-        if key in self._attached or key in self._refused:
-            return self._attached.get(key)
+        if key in self._attachments or key in self._refused:
+            return self._attachments.get(key)
         try:
             from .keras import KerasAttachment, find_keras_model
 
             variables = list(variables if variables is not None else opt._trainable_variables)
             model = find_keras_model(variables, opt)
-            self._attached[key] = KerasAttachment(self._watch, model, opt, variables, wrap=False)
-            self._attached[key].capture_loss(model)  # the unscaled loss, also under a LossScaleOptimizer
+            self._attachments[key] = KerasAttachment(self._watch, model, opt, variables, wrap=False)
+            self._attachments[key].capture_loss(model)  # the unscaled loss, also under a LossScaleOptimizer
         except GradwatchError as e:
             self._refused.add(key)
             print(f"gradwatch: not recording {type(opt).__name__}: {e}", file=sys.stderr)
@@ -237,7 +237,7 @@ class _KerasHooks:
             self._refused.add(key)
             print(f"gradwatch: not recording {type(opt).__name__} after an internal error "
                   f"({type(e).__name__}: {e}); training continues. Please report this.", file=sys.stderr)
-        return self._attached.get(key)
+        return self._attachments.get(key)
 
     def __exit__(self, *exc: Any) -> None:
         self._imports.__exit__(*exc)
