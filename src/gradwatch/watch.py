@@ -306,6 +306,11 @@ class Watch(RunSession):
         self._attached[key] = att
         return att
 
+    def stream(self, optimizer: Any) -> _Attached | None:
+        """The stream recording ``optimizer`` (its ``probe``, ``guards``, ``optimizer``), or None."""
+        att = self._attached.get(id(optimizer))
+        return att if att is not None and att.optimizer is optimizer else None
+
     def watches(self, optimizer: Any) -> bool:
         """Whether this watch records ``optimizer`` (a stream was started for it and is still recording)."""
         att = self._attached.get(id(optimizer))
