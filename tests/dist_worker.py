@@ -98,7 +98,7 @@ def case_ddp(rank: int, world: int, tmp: Path) -> None:
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     with _watch(ddp, opt, _out(tmp, rank)) as w:
         train(ddp, opt, w, rank, world)
-        probe = next(iter(w._attached.values())).probe
+        probe = w.stream(opt).probe
     _save(tmp, rank, "info", {"collectives": probe.reducer.collectives, "writes": w.writes,
                               "steps": w.steps})
     if rank == 0:
@@ -160,7 +160,7 @@ def case_fsdp(rank: int, world: int, tmp: Path) -> None:
     try:
         with _watch(model, opt, _out(tmp, rank)) as w:
             train(model, opt, w, rank, world)
-            probe = next(iter(w._attached.values())).probe
+            probe = w.stream(opt).probe
     finally:
         DTensor.full_tensor = original
     _save(tmp, rank, "info", {"collectives": probe.reducer.collectives, "full_tensor": len(full_tensor_calls),
@@ -262,7 +262,7 @@ def case_store_fails_rank0(rank: int, world: int, tmp: Path) -> None:
     guard = gw.guards.ClipNorm(0.01)
     with _watch(ddp, opt, _out(tmp, rank), guards=[guard]) as w:
         train(ddp, opt, w, rank, world, steps=1)
-        att = next(iter(w._attached.values()))
+        att = w.stream(opt)
         if rank == 0:
             calls = [0]
             original = att.stream.append

@@ -16,9 +16,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("store", ("store",)),
     ("diagnose", ("diagnose",)),
     ("report", ("report",)),
-    ("session", ("session", "shutdown")),
-    ("framework side", ("frameworks", "objects", "amp", "probe", "guards", "watch", "treatment", "surgery", "runner",
-                        "keras", "lightning", "transformers", "testing", "scenarios", "doctor")),
+    ("session", ("session", "shutdown", "finish")),
+    ("framework side", ("frameworks", "objects", "amp", "probe", "guards", "torch_step", "torch_stream", "watch",
+                        "treatment", "surgery", "runner", "global_hooks", "script_clips", "trainer_hooks", "keras",
+                        "lightning", "transformers", "testing", "scenarios", "doctor")),
     ("entry points", ("cli", "__main__", "__init__")),
 ]
 CORE = {"base", "findings", "store", "diagnose", "report", "session"}
@@ -151,7 +152,8 @@ def test_module_level_imports_have_no_cycle() -> None:
             raise AssertionError("an import cycle at module level: " + " -> ".join(cycle))
 
 
-INTEGRATIONS = ("lightning.py", "transformers.py", "keras.py", "runner.py")
+INTEGRATIONS = ("lightning.py", "transformers.py", "keras.py", "runner.py", "global_hooks.py", "script_clips.py",
+                "trainer_hooks.py")
 
 
 def private_names(*files: str) -> set[str]:
@@ -169,8 +171,8 @@ def test_integrations_use_the_watchs_public_api() -> None:
     """Lightning, HF, Keras and the runner reach a Watch, its streams and probes through public names only
     (they may use their own private state: self._x)."""
     probe = [str(f.relative_to(SRC)) for f in sorted((SRC / "probe").glob("*.py"))]
-    private = private_names("session.py", "watch.py", "guards/base.py", *probe)
-    assert {"_attached", "_writer", "_closed", "_guards"} <= private  # the scan sees the Watch's state
+    private = private_names("session.py", "torch_stream.py", "watch.py", "guards/base.py", *probe)
+    assert {"_streams", "_writer", "_closed", "_guards"} <= private  # the scan sees the Watch's state
     wrong = []
     for f in INTEGRATIONS:
         for node in ast.walk(ast.parse((SRC / f).read_text())):

@@ -244,8 +244,7 @@ def test_explain_no_graph_break_with_tap_attached(name: str, tmp_path: Path) -> 
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     with gradwatch.watch(compiled, opt, out=tmp_path / "run", quiet=True, report=False,
                          sample_every=SAMPLE_EVERY) as w:
-        probe = next(iter(w._attached.values())).probe
-        assert probe._tap is not None and probe._tap.attached  # step 0 is sampled: hooks on now
+        assert w.stream(opt).probe.activation_tap_attached  # step 0 is sampled: hooks on now
         during = _explain(name, model)
     for label, e in (("without gradwatch", before), ("with the tap attached", during)):
         assert e.graph_break_count == 0 and e.graph_count == 1, (
@@ -312,8 +311,8 @@ def test_activation_stats_when_compiled_before_watch(tmp_path: Path) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        probe = next(iter(w._attached.values())).probe
-        assert not probe._tap.attached  # no hooks left behind on the model
+        probe = w.stream(opt).probe
+        assert not probe.activation_tap_attached and probe.activation_note  # turned off: no hooks left behind
     run = gradwatch.load_run(tmp_path / "run")
     assert np.isnan(run.layer_series("act_dead_frac")).all()  # absent, not made up
     assert np.isfinite(run.layer_series("grad_norm")).all()

@@ -313,11 +313,13 @@ def test_rollback_restores_model_and_optimizer_exactly(tmp_path: Path, storage: 
     rb = Rollback(every=50, keep=2, storage=where)
     at_snapshot: dict[int, list[torch.Tensor]] = {}
     after_restore: list[list[torch.Tensor]] = []
+    # Spies on Rollback's internals: the state at the moment each snapshot is taken and right after the restore.
     take, restore = rb._take, rb._restore
 
     def live() -> list[torch.Tensor]:
-        return [t.detach().clone() for t in rb._tensors] + [
-            v.clone() for st in rb._opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        store = rb._store  # what a snapshot copies: parameters and buffers, and the optimizer's state
+        return [t.detach().clone() for t in store.tensors] + [
+            v.clone() for st in store.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
 
     def spy_take(step):  # type: ignore[no-untyped-def]
         at_snapshot[step] = live()
@@ -480,7 +482,7 @@ def test_each_optimizer_gets_its_own_guard_state(tmp_path: Path) -> None:
                 o.zero_grad()
                 loss.backward()
                 o.step()
-    chains = [a.guards for a in w._attached.values()]
+    chains = [w.stream(og).guards, w.stream(od).guards]
     assert chains[0].guards[0] is z and chains[1].guards[0] is not z
     assert (z._seen, chains[1].guards[0]._seen) == (3, 3), "warm-ups counted per optimizer"
     assert (chains[0].guards[1]._steps, chains[1].guards[1]._steps) == (15, 10), "counters start fresh"
@@ -629,7 +631,7 @@ def test_rollback_with_two_optimizers_restores_only_its_own(tmp_path: Path) -> N
                 if m is b and step == 40:
                     b_after = [p.detach().clone() for p in b.parameters()]
     assert [f.step for f in inj.injected] == [33]
-    chains = [att.guards for att in w._attached.values()]
+    chains = [w.stream(oa).guards, w.stream(ob).guards]
     assert len(chains[0].guards[0].events) == 1 and not chains[1].guards[0].events
     # A rolled back at its step 40 (after B's step 39); B's weights moved on normally.
     assert not all(torch.equal(p, q) for p, q in zip(b_before_rollback, b_after)), "B kept training"
@@ -640,7 +642,7 @@ def test_rollback_with_two_optimizers_restores_only_its_own(tmp_path: Path) -> N
 def test_rollback_holds_at_most_keep_plus_one_snapshots(tmp_path: Path) -> None:
     rb = Rollback(every=1, keep=2)
     held: list[int] = []
-    take = rb._take
+    take = rb._take  # a spy on Rollback's internals: snapshots held after each one taken
 
     def spy(step):  # type: ignore[no-untyped-def]
         take(step)

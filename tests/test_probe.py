@@ -268,7 +268,7 @@ def test_zero_syncs_per_step_and_one_transfer_per_flush(arch: str, tmp_path: Pat
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     w = gw.Watch(model, opt, out=tmp_path / "run", flush_every=5, sample_every=2, quiet=True).attach()
     log: dict[str, list[SyncCounter]] = {"on_before_optimizer_step": [], "on_after_optimizer_step": [], "flush": []}
-    probe = w._attached[id(opt)].probe
+    probe = w.stream(opt).probe
     _instrument(probe, log)
     train(model, opt, 12, on_step=lambda loss: w.log(loss=loss))
     w.close()
@@ -416,7 +416,7 @@ def test_an_internal_error_stops_recording_but_not_training(tmp_path: Path, caps
         def boom(*args: object) -> None:
             raise RuntimeError("injected")
 
-        w._attached[id(opt)].probe._put = boom  # break the probe
+        w.stream(opt).probe._put = boom  # break the probe (an internal: any error inside it will do)
         train(model, opt, 3)  # must not raise
     assert "stopped recording SGD at step 3" in capsys.readouterr().err
     assert list(gw.load_run(tmp_path / "run").steps) == [0, 1, 2]
@@ -451,7 +451,7 @@ def test_whole_training_loop_with_activation_hooks_never_syncs(tmp_path: Path) -
     model = mlp(depth=3, act=torch.nn.Sigmoid)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     w = gw.watch(model, opt, out=tmp_path / "run", flush_every=4, sample_every=2, quiet=True)
-    counter = SyncCounter(w._attached[id(opt)].probe._staging)
+    counter = SyncCounter(w.stream(opt).probe._staging)
     with counter:
         train(model, opt, 10, on_step=lambda loss: w.log(loss=loss))
     w.close()

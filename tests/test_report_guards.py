@@ -5,6 +5,7 @@ A run without guards shows none of it."""
 from __future__ import annotations
 
 import io
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,14 @@ def lines_by_label(fig) -> dict:  # type: ignore[no-untyped-def,type-arg]
     return {line.get_label(): line for line in fig.axes[0].lines if not line.get_label().startswith("_")}
 
 
+def guards_section(page: str) -> str:
+    """The Guards section of a rendered page: from its heading to the next one ("" without it)."""
+    if "<h2 id='guards'>" not in page:
+        return ""
+    start = page.index("<h2 id='guards'>")
+    return page[start:page.index("<h2 ", start + 1)]
+
+
 def summary_text(run: gw.store.Run) -> str:
     console = Console(file=io.StringIO(), width=200, color_system=None)
     console.print(terminal.summary(run, layers=False))
@@ -101,16 +110,17 @@ def test_html_report_has_a_guards_section(guarded: gw.store.Run) -> None:
     assert page.index("id='guards'") < page.index("id='flow'")  # right after the findings
     assert "ClipNorm(max_norm=1.0)" in page and "SkipNonFinite(" in page
     summary = guarded.streams[0]["guard_summary"]
-    assert len(summary) == 2 and all(html._e(line) in page for line in summary)
+    assert len(summary) == 2 and all(escape(line) in page for line in summary)
 
 
 def test_guards_section_lists_rollbacks_escaped(rolled: gw.store.Run) -> None:
     rolled.streams[0]["guard_summary"].append("<script>alert(1)</script>")  # text, never markup
-    section = html._guards_html(rolled)
-    assert "<script>" not in section and "&lt;script&gt;alert(1)&lt;/script&gt;" in section
+    page = html.render(rolled)
+    section = guards_section(page)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in section
     assert "Rollback(" in section and "rolled back at step" in section
     for event in rolled.streams[0]["rollbacks"]:
-        assert f"<td>{html._e(event['reason'])}</td>" in section and f"<td>{event['at_step']}</td>" in section
+        assert f"<td>{escape(event['reason'])}</td>" in section and f"<td>{event['at_step']}</td>" in section
 
 
 def test_terminal_summary_shows_the_norm_after_the_guards(guarded: gw.store.Run, rolled: gw.store.Run) -> None:
@@ -129,7 +139,8 @@ def test_a_run_without_guards_looks_as_before(plain: gw.store.Run) -> None:
     fig = plots.norm_plot(plain)
     assert list(lines_by_label(fig)) == ["global gradient norm (before any clipping)"]
     assert len(fig.axes[0].lines) == 1 and fig.axes[0].get_title() == "global gradient norm"
-    assert html._guards_html(plain) == "" and "id='guards'" not in html.render(plain)
+    page = html.render(plain)
+    assert guards_section(page) == "" and "id='guards'" not in page
     text = summary_text(plain)
     assert "after guards" not in text and "before guards" not in text and "clipped" not in text
     assert any(line.startswith("grad norm ") for line in text.splitlines())

@@ -89,16 +89,10 @@ class GradWatch(Callback):
         self._trainer = trainer
         self._fits += 1
         self._loss_sum, self._stepped, self._loss_named = None, False, False
-        if self._given is not None:
-            if self._given.closed:
-                raise GradwatchError("GradWatch(watch=...) was given a watch that is closed; give it an open one.")
-            self.watch = self._given
-        else:
-            out = self.out if self.out is not None else default_out("lightning")
-            if self.out is not None and self._fits > 1:  # fit() again with the same callback: a new run beside it
-                out = f"{self.out}-{self._fits}"
-            options = {"summary": not self.watch_options.get("quiet", False), **self.watch_options}
-            self.watch = Watch(pl_module, out=out, attach_later=True, **options)
+        out = self.out if self.out is not None else default_out("lightning")
+        if self.out is not None and self._fits > 1:  # fit() again with the same callback: a new run beside it
+            out = f"{self.out}-{self._fits}"
+        self.watch = Watch.for_callback(self._given, "GradWatch", pl_module, out, self.watch_options)
         clip = trainer.gradient_clip_val
         self._clip = float(clip) if clip else None
         for opt in trainer.optimizers:

@@ -2,10 +2,11 @@
 the online diagnosis, and the end (findings, report, TensorBoard, summary).
 
 A framework plugs in by subclassing :class:`RunSession` (the PyTorch one is
-:class:`gradwatch.watch.Watch`): it opens a stream per optimizer with :meth:`RunSession._open_stream`,
-hands each flushed host window to :meth:`RunSession._pass_window` after storing it, and fills in
-the hooks that only it can answer (how to flush its streams, how many steps it took). Nothing here
-imports a training framework.
+:class:`gradwatch.watch.Watch`): for each optimizer it opens a place in the run with
+:meth:`RunSession._open_stream` and registers a :class:`Stream` of its own in ``_streams``, which
+stores its flushed host windows and hands each to :meth:`RunSession._pass_window`. The session does
+the rest through the :class:`Stream` protocol (flush, detach, notes, steps). Nothing here imports a
+training framework.
 
 Never lose the record: the final partial window is flushed on normal exit, on an exception leaving
 a ``with`` block, at interpreter exit (``atexit``) and on SIGTERM (turned into ``SystemExit`` so the
@@ -20,9 +21,9 @@ import sys
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-from . import shutdown
+from . import finish, shutdown
 from .errors import GradwatchError
 from .store import Chunk, LayerInfo, RunWriter, StreamWriter, load_run
 
@@ -89,6 +90,35 @@ class _NullWriter:
         self.meta["status"] = status
 
 
+class Stream(Protocol):
+    """What a framework's stream (one optimizer's record) answers to its session."""
+
+    failed: bool
+    #: The last step this stream has stored (-1: none yet).
+    stored_through: int
+
+    @property
+    def index(self) -> int:
+        """Its number in the run (meta.json's ``streams``)."""
+
+    @property
+    def steps(self) -> int:
+        """Steps taken so far."""
+
+    @property
+    def reduces(self) -> bool:
+        """Whether its windows are summed over data-parallel ranks (then a flush needs every rank)."""
+
+    def flush(self, reduce: bool) -> None:
+        """Store the buffered steps now (``reduce``: summed over the ranks)."""
+
+    def detach(self) -> None:
+        """Take its hooks off."""
+
+    def notes(self, rank: int) -> tuple[dict[str, Any], list[str]]:
+        """At the end: fields for its meta.json entry and lines to print."""
+
+
 class RunSession:
     """One run directory, from the first stream to the findings.
 
@@ -137,6 +167,8 @@ class RunSession:
         #: Print the end-of-run summary when closing.
         self.print_summary = summary
         self.tensorboard = Path(tensorboard) if tensorboard is not None else None
+        #: The run's streams (see :class:`Stream`), by the id of what each was started for.
+        self._streams: dict[int, Stream] = {}
         self._windows = 0
         #: (stream key or None for every stream, listener): see add_window_listener.
         self._listeners: list[tuple[int | None, Any]] = []
@@ -148,32 +180,49 @@ class RunSession:
         #: reports no exception set it to "crashed": a normal end would have closed it).
         self.status_at_exit = "finished"
 
-    # -- what the framework answers ------------------------------------------------------------
+    # -- its streams -------------------------------------------------------------------------------
 
     @property
     def steps(self) -> int:
         """Optimizer steps taken so far (the most of any stream)."""
-        return 0
+        return max((s.steps for s in self._streams.values()), default=0)
 
-    def _flush_streams(self, reduce: bool) -> None:
-        """Store every stream's buffered steps (``reduce``: summed over the data-parallel ranks)."""
+    def _flush_streams(self, reduce: bool, only: int | None = None) -> None:
+        """Store every stream's buffered steps (``reduce``: summed over the data-parallel ranks); with
+        ``only``, the stream of that key alone."""
+        with shutdown.critical:
+            for key, s in self._streams.items():
+                if not s.failed and (only is None or key == only):
+                    s.flush(reduce)
 
     def _detach(self) -> None:
         """Take the framework's hooks off: nothing is recorded after this."""
+        for s in self._streams.values():
+            s.detach()
 
     def _note_streams(self) -> None:
-        """At the end, what each stream did or could not do, into its meta.json entry."""
+        """At the end, what each stream did or could not do: into meta.json, and on stderr unless quiet."""
+        for s in self._streams.values():
+            fields, lines = s.notes(self.rank)
+            if fields and self._writer is not None:
+                self._writer.streams[s.index].update(fields)
+            if not self.quiet:
+                for line in lines:
+                    print(f"gradwatch: {line}", file=sys.stderr)
 
     def _stored_through(self) -> int:
-        """The last step that every stream still recording has stored (-1: some has stored none)."""
-        return 0
+        """The last step that every stream which has stepped has stored (-1: one has stored none): a
+        GAN's two optimizers flush one after the other, and between the two flushes the second one's
+        steps are not stored yet."""
+        ends = [s.stored_through for s in self._streams.values() if s.steps > 0 and not s.failed]
+        return min(ends, default=-1)
 
     def _several_streams(self) -> bool:
-        return False
+        return len(self._streams) > 1
 
     def _can_flush_alone(self) -> bool:
         """Whether this process may flush without the other ranks (no stream sums over them)."""
-        return True
+        return not any(s.reduces for s in self._streams.values())
 
     # -- the run directory ----------------------------------------------------------------------
 
@@ -252,25 +301,11 @@ class RunSession:
             self._diagnose_online()
 
     def _diagnose_online(self) -> None:
-        from .diagnose import diagnose
-
         upto = self._stored_through()
         if upto < 0:
             return  # a stream has nothing stored yet: diagnose at the next window, when it has
-        try:
-            run = load_run(self.out)
-            findings = diagnose(run.until(upto) if self._several_streams() else run)
-        except Exception as e:  # diagnosis must never stop training
-            print(f"gradwatch: online diagnosis failed ({type(e).__name__}: {e}); recording continues.", file=sys.stderr)
-            self.diagnose_online = False
-            return
-        for f in findings:
-            if f.severity == "info" or f.kind in self._announced:
-                continue
-            self._announced.add(f.kind)
-            if not self.quiet:
-                tip = f" Try: {f.remedies[0].call()}." if f.remedies else ""
-                print(f"gradwatch: {f.summary}{tip}", file=sys.stderr)
+        self.diagnose_online = finish.diagnose_so_far(self.out, upto, self._several_streams(), self._announced,
+                                                      self.quiet)
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -306,63 +341,24 @@ class RunSession:
                 shutdown.release()
             if not self.writes:
                 return  # rank 0 diagnoses, reports and prints
-            self._final_diagnosis()
+            self._findings = finish.final_diagnosis(self.out)
             if self.report:
-                self._write_report()
+                finish.write_report(self.out, self.quiet)
             if self.tensorboard is not None:
-                self._write_tensorboard()
+                finish.write_tensorboard(self.out, self.tensorboard, self.quiet)
         if not self.quiet:
             print(f"gradwatch: recorded {self.steps} steps x {len(self._writer.layers)} layers -> {self.out}",
                   file=sys.stderr)
             if self.print_summary:
-                self._summarise()
-
-    def _final_diagnosis(self) -> None:
-        from .diagnose import diagnose, write_findings
-
-        try:
-            self._findings = diagnose(load_run(self.out))
-            write_findings(self.out, self._findings)
-        except Exception as e:  # the record is safe; say why the diagnosis is missing
-            print(f"gradwatch: could not diagnose {self.out} ({type(e).__name__}: {e}); "
-                  f"run `gradwatch diagnose {self.out}` to retry.", file=sys.stderr)
-
-    def _summarise(self) -> None:
-        """The end-of-run terminal summary: sparklines of loss and norm, then each finding."""
-        try:
-            from .report.terminal import print_findings, print_summary
-
-            print_summary(load_run(self.out), layers=False)
-            print_findings(self._findings or [])
-        except Exception as e:  # a summary is a convenience; the run is stored
-            print(f"gradwatch: no summary ({type(e).__name__}: {e})", file=sys.stderr)
-
-    def _write_tensorboard(self) -> None:
-        try:
-            from .report.tensorboard import export_tensorboard
-
-            path = export_tensorboard(self.out, self.tensorboard, overwrite=True)
-            if not self.quiet:
-                print(f"gradwatch: TensorBoard events -> {path}", file=sys.stderr)
-        except Exception as e:  # the run is stored; the export can be redone from it
-            print(f"gradwatch: could not write TensorBoard events ({type(e).__name__}: {e})", file=sys.stderr)
-
-    def _write_report(self) -> None:
-        try:
-            from .report.html import write_report
-
-            path = write_report(self.out)
-            if not self.quiet:
-                print(f"gradwatch: report -> {path}", file=sys.stderr)
-        except Exception as e:  # the run and its findings are stored; the picture can be redrawn
-            print(f"gradwatch: could not write the report ({type(e).__name__}: {e}); "
-                  f"run `gradwatch report {self.out}` to retry.", file=sys.stderr)
+                finish.summarise(self.out, self._findings or [])
 
     # -- results --------------------------------------------------------------------------------
 
     def flush(self, optimizer: Any = None) -> None:
         """Store every buffered step now (one device->host copy per stream); with ``optimizer``, only
-        the stream started for it. Under data parallelism every rank must call it."""
+        the stream started for it. Under data parallelism every rank must call it (it sums the
+        window over the ranks)."""
+        self._flush_streams(reduce=True, only=None if optimizer is None else id(optimizer))
 
     @property
     def run(self):  # type: ignore[no-untyped-def]

@@ -139,14 +139,8 @@ class GradWatchCallback(TrainerCallback):
                 print("gradwatch: the Trainer passed no torch optimizer to its callbacks; nothing is recorded.",
                       file=sys.stderr)
             return
-        if self._given is not None:
-            if self._given.closed:
-                raise GradwatchError("GradWatchCallback(watch=...) was given a watch that is closed; give it an open one.")
-            self.watch = self._given
-        else:
-            out = self.out if self.out is not None else default_out("transformers")
-            options = {"summary": not self.watch_options.get("quiet", False), **self.watch_options}
-            self.watch = Watch(model, out=out, attach_later=True, **options)
+        out = self.out if self.out is not None else default_out("transformers")
+        self.watch = Watch.for_callback(self._given, "GradWatchCallback", model, out, self.watch_options)
         self.run_dir = self.watch.out
         self._opt = optimizer
         clip = args.max_grad_norm

@@ -316,6 +316,8 @@ def progress(run: RunLike) -> Progress | None:
 
 
 def fmt(x: float | None) -> str:
+    """A number in a sentence or a table: three significant digits, in scientific notation outside
+    [1e-3, 1e4)."""
     if x is None or not math.isfinite(x):
         return str(x)
     return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"

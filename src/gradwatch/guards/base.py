@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import GradwatchError
+from ..probe.kernels import by_device_dtype
 from ..probe.torch import StepInputs, per_tensor_norms
 from ..store import Chunk, LayerInfo
 
@@ -93,7 +94,7 @@ class GuardStep:
         self.host_skip = False
         self.rolled_back = False
         self.threshold: torch.Tensor | None = None
-        self._by_device: dict[tuple[torch.device, torch.dtype], list[int]] | None = None
+        self._by_device: list[list[int]] | None = None
 
     # -- the current norm -----------------------------------------------------------------------
 
@@ -116,20 +117,18 @@ class GuardStep:
         assert self.layer_norms is not None
         return self.layer_norms
 
-    def _groups(self) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    def device_groups(self) -> list[list[int]]:
         """Gradient indices by (device, dtype): one foreach launch each."""
         if self._by_device is None:
-            self._by_device = {}
-            for i, g in enumerate(self.grads):
-                self._by_device.setdefault((g.device, g.dtype), []).append(i)
+            self._by_device = by_device_dtype(self.grads)
         return self._by_device
 
     # -- what guards do ---------------------------------------------------------------------------
 
     def scale(self, coef: torch.Tensor) -> None:
         """Multiply every gradient by the 0-d tensor ``coef`` (as ``clip_grad_norm_`` does)."""
-        for (dev, _), ids in self._groups().items():
-            torch._foreach_mul_([self.grads[i] for i in ids], coef.to(dev))
+        for ids in self.device_groups():
+            torch._foreach_mul_([self.grads[i] for i in ids], coef.to(self.grads[ids[0]].device))
         if self._norm is not None:
             self._norm = self._norm * coef
         if self.layer_norms is not None:
@@ -138,7 +137,8 @@ class GuardStep:
     def scale_layers(self, coefs: torch.Tensor) -> None:
         """Multiply gradient ``i`` by ``coefs[i]`` (one coefficient per tensor)."""
         parts = coefs.unbind()
-        for (dev, _), ids in self._groups().items():
+        for ids in self.device_groups():
+            dev = self.grads[ids[0]].device
             torch._foreach_mul_([self.grads[i] for i in ids], [parts[i].to(dev) for i in ids])
         if self.layer_norms is not None:
             self.layer_norms = self.layer_norms * coefs

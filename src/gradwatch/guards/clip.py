@@ -77,7 +77,7 @@ class ClipValue(_Counted):
         if peaks:
             maxabs = torch.stack(peaks)
             self._count(step, (torch.isfinite(maxabs) & (maxabs > v)).any())
-        for ids in step._groups().values():
+        for ids in step.device_groups():
             grads = [step.grads[i] for i in ids]
             if isinstance(v, torch.Tensor):
                 bound = v.to(grads[0].device, grads[0].dtype)

@@ -18,16 +18,14 @@ import math
 import numbers
 import os
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import GradwatchError
-from ..probe.distributed import local_tensor, world
 from .base import Guard, GuardSetup, GuardStep, GuardStop, Window
+from .snapshots import Snapshot, SnapshotStore
 
 #: A robust z-score's spread never counts as less than this share of the median (a flat loss would
 #: otherwise make any wiggle a "spike"), nor, for log10 gradient norms, less than this many decades.
@@ -41,22 +39,6 @@ def robust_z(x: float, history: "deque[float]", floor: float) -> float:
     med = float(np.median(h))
     spread = max(_MAD_TO_STD * float(np.median(np.abs(h - med))), floor, 1e-12)
     return (x - med) / spread
-
-
-@dataclass
-class _Saved:
-    copy: torch.Tensor
-    device: torch.device
-
-
-@dataclass
-class _Snapshot:
-    step: int
-    good: bool = False
-    tensors: list[torch.Tensor] = field(default_factory=list)  # copies of the model's tensors
-    file: Path | None = None  # storage on disk: the tensors and state live in this file instead
-    # id(param) -> its optimizer state; tensors as (copy, the device the original lives on)
-    state: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 class Rollback(Guard):
@@ -114,39 +96,15 @@ class Rollback(Guard):
         self.min_history = int(min(min_history, window))
         self.storage = storage if storage in ("device", "cpu") else str(storage)
 
-    @property
-    def _on_disk(self) -> bool:
-        return self.storage not in ("device", "cpu")
-
     def setup(self, ctx: GuardSetup) -> None:
         self._opt = ctx.optimizer
         self._say = ctx.say
-        self._disk_warned = False
-        self._opt_params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
-        # This optimizer's parameters; the model's buffers (BatchNorm statistics) too when the model
-        # is this optimizer's alone — with several optimizers on one model each restores only its own.
-        tensors: list[torch.Tensor] = []
-        seen: set[int] = set()
-        mine = {id(p) for p in self._opt_params}
-        buffers: list[torch.Tensor] = []
-        if ctx.model is not None and all(id(p) in mine for p in ctx.model.parameters() if p.requires_grad):
-            buffers = [b for _, b in ctx.model.named_buffers()]  # persistent or not
-        for t in self._opt_params + buffers:
-            if isinstance(t, torch.Tensor) and id(t) not in seen:
-                seen.add(id(t))
-                tensors.append(t)
-        self._tensors = tensors
-        if self._on_disk:
-            try:
-                Path(self.storage).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise GradwatchError(f"Rollback cannot keep snapshots in {self.storage} ({e.strerror}); "
-                                     "give a writable directory, or storage='cpu'.") from None
-        self._snapshots: list[_Snapshot] = []
-        self._pool: list[_Snapshot] = []
+        self._store = SnapshotStore(ctx.optimizer, ctx.model, self.storage, ctx.say)
+        #: Snapshots taken and not yet dropped, oldest first.
+        self._snapshots: list[Snapshot] = []
         self._loss: deque[float] = deque(maxlen=self.window)
         self._lognorm: deque[float] = deque(maxlen=self.window)
-        self._pending: tuple[_Snapshot, str, int] | None = None
+        self._pending: tuple[Snapshot, str, int] | None = None
         self._skip_left = 0
         self.rollbacks = 0
         #: One dict per rollback: step of the trigger, reason, snapshot step restored, step it happened, lr factor.
@@ -154,112 +112,15 @@ class Rollback(Guard):
 
     # -- snapshots --------------------------------------------------------------------------------
 
-    def _copy_of(self, t: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
-        t = local_tensor(t)  # FSDP2: each rank keeps its own shard
-        if old is not None and old.shape == t.shape and old.dtype == t.dtype:
-            buf = old
-        elif self._on_disk:
-            return t.detach().to("cpu", copy=True)  # read now: it is written to disk next
-        elif self.storage == "cpu":
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
-        else:
-            buf = torch.empty_like(t, memory_format=torch.contiguous_format)
-        return buf.copy_(t.detach(), non_blocking=buf.is_pinned())
-
-    def _to_disk(self, snap: _Snapshot) -> None:
-        index = {id(p): i for i, p in enumerate(self._opt_params)}
-        payload = {
-            "step": snap.step,
-            "tensors": snap.tensors,
-            "state": {
-                index[pid]: {k: {"tensor": v.copy, "device": str(v.device)} if isinstance(v, _Saved) else v
-                             for k, v in st.items()}
-                for pid, st in snap.state.items()
-                if pid in index
-            },
-        }
-        rank = world()
-        suffix = f"-rank{rank[0]}" if rank is not None else ""  # every data-parallel rank keeps its own
-        path = Path(self.storage) / f"rollback-step{snap.step}{suffix}.pt"
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-        snap.file, snap.tensors, snap.state = path, [], {}
-
-    def _from_disk(self, snap: _Snapshot) -> _Snapshot:
-        assert snap.file is not None
-        payload = torch.load(snap.file, map_location="cpu", weights_only=True)
-        state = {
-            id(self._opt_params[int(i)]): {
-                k: _Saved(v["tensor"], torch.device(v["device"])) if isinstance(v, dict) and "tensor" in v else v
-                for k, v in st.items()
-            }
-            for i, st in payload["state"].items()
-        }
-        return _Snapshot(snap.step, good=True, tensors=list(payload["tensors"]), state=state)
-
-    def _discard(self, snap: _Snapshot) -> None:
-        self._snapshots.remove(snap)
-        if snap.file is not None:
-            snap.file.unlink(missing_ok=True)
-        else:
-            self._pool.append(snap)
-
     def _take(self, step: int) -> None:
-        snap = self._pool.pop() if self._pool else _Snapshot(step)
-        old_tensors = snap.tensors if len(snap.tensors) == len(self._tensors) else [None] * len(self._tensors)
-        snap.tensors = [self._copy_of(t, o) for t, o in zip(self._tensors, old_tensors)]
-        old_state = snap.state
-        snap.state = {}
-        for p, st in self._opt.state.items():
-            prev = old_state.get(id(p), {})
-            saved: dict[str, Any] = {}
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor):
-                    old = prev.get(k)
-                    saved[k] = _Saved(self._copy_of(v, old.copy if isinstance(old, _Saved) else None), v.device)
-                else:
-                    saved[k] = v
-            snap.state[id(p)] = saved
-        snap.step, snap.good = step, False
-        if self._on_disk:
-            try:
-                self._to_disk(snap)
-            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-                # A full or missing disk must not cost the guard (under data parallelism it would leave
-                # this rank out of the next reduction): the snapshot stays in host memory instead.
-                snap.file = None
-                if not self._disk_warned:
-                    self._disk_warned = True
-                    self._say(f"Rollback: could not write a snapshot to {self.storage} ({getattr(e, 'strerror', None) or e}); "
-                              "keeping snapshots in host memory instead.")
-        self._snapshots.append(snap)
+        self._snapshots.append(self._store.take(step))
 
-    def _restore(self, snap: _Snapshot) -> None:
-        if snap.file is not None:
-            snap = self._from_disk(snap)
-        for t, saved in zip(self._tensors, snap.tensors):
-            local_tensor(t.detach()).copy_(saved, non_blocking=saved.is_pinned())
-        state = self._opt.state
-        params = [p for g in self._opt.param_groups for p in g["params"]]
-        for p in params:
-            saved_state = snap.state.get(id(p))
-            if saved_state is None:
-                state.pop(p, None)  # created after the snapshot
-                continue
-            cur = state.setdefault(p, {})
-            for k in [k for k in cur if k not in saved_state]:
-                del cur[k]
-            for k, v in saved_state.items():
-                if isinstance(v, _Saved):
-                    live = cur.get(k)
-                    live = local_tensor(live) if isinstance(live, torch.Tensor) else live
-                    if isinstance(live, torch.Tensor) and live.shape == v.copy.shape and live.dtype == v.copy.dtype:
-                        live.copy_(v.copy, non_blocking=v.copy.is_pinned())
-                    else:
-                        cur[k] = v.copy.to(v.device, copy=True)
-                else:
-                    cur[k] = v
+    def _restore(self, snap: Snapshot) -> None:
+        self._store.restore(snap)
+
+    def _discard(self, snap: Snapshot) -> None:
+        self._snapshots.remove(snap)
+        self._store.release(snap)
 
     # -- the step ---------------------------------------------------------------------------------
 

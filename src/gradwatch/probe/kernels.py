@@ -11,6 +11,15 @@ import torch
 from .distributed import is_dtensor, local_tensor
 from .ring import EXP_BINS
 
+def by_device_dtype(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The indices of ``tensors`` grouped by (device, dtype), in order of first appearance: a foreach
+    kernel takes one group per launch."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return list(groups.values())
+
+
 _CHUNK = 1 << 22  # elements per scratch pass: bounds a group's scratch at 48 MiB
 
 
@@ -20,10 +29,7 @@ class ParamGroup:
     @classmethod
     def split(cls, params: Sequence[torch.Tensor]) -> list["ParamGroup"]:
         """``params`` (in layer order) grouped by (device, dtype), in order of first appearance."""
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(params):
-            groups.setdefault((p.device, p.dtype), []).append(i)
-        return [cls(ids, [params[i] for i in ids]) for ids in groups.values()]
+        return [cls(ids, [params[i] for i in ids]) for ids in by_device_dtype(params)]
 
     def __init__(self, layer_ids: list[int], params: list[torch.Tensor]):
         self.layer_ids = layer_ids
@@ -81,10 +87,8 @@ def l2_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
 def global_norm(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor | None:
     """The L2 norm of all ``tensors`` together (as ``clip_grad_norm_`` defines it), a float32 scalar
     on ``device``: one foreach launch per (device, dtype), no host read. None for no tensors."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    norms = [n.to(device=device, dtype=torch.float32) for group in groups.values() for n in l2_norms(group)]
+    norms = [n.to(device=device, dtype=torch.float32)
+             for ids in by_device_dtype(tensors) for n in l2_norms([tensors[i] for i in ids])]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
 
@@ -92,10 +96,7 @@ def per_tensor_norms(tensors: Sequence[torch.Tensor], device: torch.device) -> t
     """The L2 norm of each tensor, in order, stacked as float32 on ``device`` (one foreach launch per
     (device, dtype) group; no host read)."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    for ids in groups.values():
+    for ids in by_device_dtype(tensors):
         for i, n in zip(ids, l2_norms([tensors[i] for i in ids])):
             out[i] = n.to(device=device, dtype=torch.float32)
     return torch.stack(out)  # type: ignore[arg-type]

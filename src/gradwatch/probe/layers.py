@@ -112,3 +112,13 @@ def build_layer_table(
         )
         kept.append(p)
     return layers, kept
+
+
+def in_model_order(params: Sequence[torch.Tensor], model: nn.Module, with_frozen: bool) -> list[torch.Tensor]:
+    """An optimizer's parameters in the model's order (input side first, as the gradient-flow profile
+    reads); ``with_frozen``: the model's frozen parameters (in no optimizer) ride along; parameters
+    the model does not own come last."""
+    in_opt = {id(p) for p in params}
+    ordered = [p for p in model.parameters() if id(p) in in_opt or (with_frozen and not p.requires_grad)]
+    owned = {id(p) for p in ordered}
+    return ordered + [p for p in params if id(p) not in owned]

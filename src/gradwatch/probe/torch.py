@@ -336,6 +336,11 @@ class TorchProbe:
         """Why activation statistics are off for this stream, if they are."""
         return self._tap.off_reason if self._tap is not None else None
 
+    @property
+    def activation_tap_attached(self) -> bool:
+        """Whether the activation hooks are on the model now (False without a tap)."""
+        return self._tap is not None and self._tap.attached
+
     def remove_hooks(self) -> None:
         """Take the activation hooks off the model (the watch is closing)."""
         if self._tap is not None:

@@ -14,7 +14,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..diagnose.facts import streams as flow_streams
+from ..diagnose.facts import fmt, streams as flow_streams
 from ..store import Run
 from .plots import amp_text, guard_counts, has_guards
 
@@ -44,12 +44,6 @@ def sparkline(values: np.ndarray, width: int = 40, log: bool = False) -> str:
         level = 0 if hi == lo else int(round((x - lo) / (hi - lo) * (len(_SPARK) - 1)))
         out.append(_SPARK[min(max(level, 0), len(_SPARK) - 1)])
     return "".join(out)
-
-
-def _fmt(x: float) -> str:
-    if x is None or not math.isfinite(x):
-        return "nan" if x is None or math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
 
 
 def _window_median(series: np.ndarray, first: bool, frac: float = 0.1) -> np.ndarray:
@@ -114,18 +108,18 @@ def layer_table(run: Run) -> Table:
             layer.name,
             "x".join(map(str, layer.shape)),
             layer.activation or "",
-            _fmt(float(early[i])),
+            fmt(float(early[i])),
             _rel(float(rel_early[i])),
-            _fmt(float(late[i])),
+            fmt(float(late[i])),
             _rel(float(rel_late[i])),
-            _fmt(float(upd_late[i])),
+            fmt(float(upd_late[i])),
         )
     return table
 
 
 def _rel(x: float) -> Text:
     # Below 1e-2 of the reference layer is the gradient-flow threshold used for vanishing.
-    return Text(_fmt(x), style="bold red" if math.isfinite(x) and x < 1e-2 else "")
+    return Text(fmt(x), style="bold red" if math.isfinite(x) and x < 1e-2 else "")
 
 
 def _after_guards(run: Run) -> np.ndarray:
@@ -172,7 +166,7 @@ def summary(run: Run, layers: bool = True) -> Group:
         if np.isfinite(series).any():
             first = float(_window_median(series[:, None], True)[0])
             last = float(_window_median(series[:, None], False)[0])
-            head.add_row(label, f"{_fmt(first)} -> {_fmt(last)} (median of first/last 10%)  {sparkline(series, log=log)}")
+            head.add_row(label, f"{fmt(first)} -> {fmt(last)} (median of first/last 10%)  {sparkline(series, log=log)}")
     if guarded:
         head.add_row("guards", _guard_counts_text(run))
     amp = amp_text(run)
