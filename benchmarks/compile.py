@@ -58,7 +58,7 @@ def main() -> None:
             if name != "compiled":
                 w = gw.watch(compiled, opt, out=Path(d) / name.replace(", ", "-").replace(" ", "-"), quiet=True, report=False)
                 if name.endswith("no tap"):
-                    next(iter(w._attached.values())).probe._tap.turn_off("benchmark arm without activation hooks")
+                    w.stream(opt).probe.turn_off_activations("benchmark arm without activation hooks")
             arms[name] = (model, compiled, opt, w, counter)
 
         def block(name: str, steps: int) -> float:

@@ -90,7 +90,7 @@ def timed_steps(case: str, s: dict[str, int], watched: bool, tmp: Path) -> tuple
                 w.log(loss=loss)
             step_times.append(time.perf_counter() - t0)
             if i == 0 and w is not None:
-                reducer = next(iter(w._attached.values())).probe.reducer
+                reducer = w.stream(opt).probe.reducer
                 original = reducer.reduce_window
 
                 def timed(*a, _original=original, **k):  # type: ignore[no-untyped-def]
@@ -102,7 +102,7 @@ def timed_steps(case: str, s: dict[str, int], watched: bool, tmp: Path) -> tuple
                 reducer.reduce_window = timed
         extra: dict[str, float] = {}
         if w is not None:
-            reducer = next(iter(w._attached.values())).probe.reducer
+            reducer = w.stream(opt).probe.reducer
             steps_seen = s["warmup"] + s["steps"]
             extra = {"flush_ms": 1e3 * statistics.median(flush_times) if flush_times else float("nan"),
                      "bytes": float(reducer.last_bytes),

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = torch.randn(args.batch, 512), torch.randint(0, 10, (args.batch,))
     w = gw.watch(model, opt, out=Path(tempfile.mkdtemp()) / "run", sample_every=args.sample_every, quiet=True)
-    probe = w._attached[id(opt)].probe
+    probe = w.stream(opt).probe
 
     def step() -> None:
         opt.zero_grad()

@@ -484,8 +484,8 @@ def test_each_optimizer_gets_its_own_guard_state(tmp_path: Path) -> None:
                 o.step()
     chains = [w.stream(og).guards, w.stream(od).guards]
     assert chains[0].guards[0] is z and chains[1].guards[0] is not z
-    assert (z._seen, chains[1].guards[0]._seen) == (3, 3), "warm-ups counted per optimizer"
-    assert (chains[0].guards[1]._steps, chains[1].guards[1]._steps) == (15, 10), "counters start fresh"
+    assert (z.warmed_up, chains[1].guards[0].warmed_up) == (3, 3), "warm-ups counted per optimizer"
+    assert (chains[0].guards[1].steps, chains[1].guards[1].steps) == (15, 10), "counters start fresh"
     run = gw.load_run(tmp_path / "r")
     assert [s["guards"][1] for s in run.streams] == [{"name": "ClipNorm", "max_norm": 0.5}] * 2
     # The merged post-guard norm is the norm over both streams' clipped gradients.

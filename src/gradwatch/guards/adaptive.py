@@ -43,6 +43,11 @@ class ZClip(_Counted):
         self.warmup = int(warmup)
         self.eps = _positive("ZClip(eps)", eps)
 
+    @property
+    def warmed_up(self) -> int:
+        """The warm-up steps seen so far (at most ``warmup``)."""
+        return getattr(self, "_seen", 0)
+
     def setup(self, ctx: GuardSetup) -> None:
         self._seen = 0
         self._buf = torch.full((self.warmup,), math.nan, dtype=torch.float32, device=ctx.device)

@@ -31,6 +31,11 @@ class _Counted(Guard):
         self._acted = acted.to(torch.int64) if n is None else n + acted.to(torch.int64)
         self._steps = getattr(self, "_steps", 0) + 1
 
+    @property
+    def steps(self) -> int:
+        """The steps this guard has judged so far."""
+        return getattr(self, "_steps", 0)
+
     def summary(self) -> str | None:
         n = getattr(self, "_acted", None)
         if n is None:

@@ -341,6 +341,11 @@ class TorchProbe:
         """Whether the activation hooks are on the model now (False without a tap)."""
         return self._tap is not None and self._tap.attached
 
+    def turn_off_activations(self, reason: str) -> None:
+        """Stop the activation statistics (its hooks come off); ``reason`` goes into meta.json."""
+        if self._tap is not None:
+            self._tap.turn_off(reason)
+
     def remove_hooks(self) -> None:
         """Take the activation hooks off the model (the watch is closing)."""
         if self._tap is not None:
