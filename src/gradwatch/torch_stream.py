@@ -12,6 +12,7 @@ stand down where a watch or a trainer callback records already.
 from __future__ import annotations
 
 import math
+import platform
 import sys
 import traceback
 import weakref
@@ -335,3 +336,33 @@ def claimed_by(optimizer: Any) -> Any:
         return _claims.get(optimizer)
     except TypeError:  # not weakly referenceable: no one could have claimed it
         return None
+
+
+# ------------------------------------------------------------------- what meta.json says
+
+
+def framework_info() -> dict[str, Any]:
+    """What meta.json says about the framework and machine a PyTorch run was recorded with."""
+    info: dict[str, Any] = {
+        "name": "torch",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["device_name"] = torch.cuda.get_device_name()
+    return info
+
+
+def jsonable_options(d: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's ``defaults`` as meta.json can hold them (anything else as its repr)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v):
+            out[k] = list(v)
+        else:
+            out[k] = repr(v)
+    return out

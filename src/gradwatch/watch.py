@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 import sys
 from dataclasses import asdict
 from typing import Any, Sequence
@@ -22,43 +21,12 @@ from . import amp
 from .errors import GradwatchError
 from .guards.base import Guard, GuardStop, as_guard_list
 from .probe.distributed import process_rank
-from .probe.layers import build_layer_table, in_model_order
+from .probe.layers import build_layer_table, in_model_order, unwrap_model  # noqa: F401  (public here too)
 from .probe.torch import ProbeConfig
 from .session import DEFAULT_ROOT, RunSession, default_out, live_sessions, status_for  # noqa: F401  (default_out's old home)
 from .store import Chunk, LayerInfo
 from .torch_step import loss_node
-from .torch_stream import TorchStream, claim, claimed_by, release  # noqa: F401  (public here too)
-
-
-def framework_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "name": "torch",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if torch.cuda.is_available():
-        info["cuda"] = torch.version.cuda
-        info["device_name"] = torch.cuda.get_device_name()
-    return info
-
-
-def unwrap_model(model: nn.Module | None) -> nn.Module | None:
-    """The user's module inside DistributedDataParallel / torch.compile wrappers (same parameters),
-    so layers keep their own module paths (``0.weight``, not ``module.0.weight`` or ``_orig_mod.0.weight``)."""
-    seen = 0
-    while model is not None and seen < 8:
-        seen += 1
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        if isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(model, nn.DataParallel):
-            model = model.module
-            continue
-        break
-    return model
-
+from .torch_stream import TorchStream, claim, claimed_by, framework_info, jsonable_options, release  # noqa: F401
 
 class Watch(RunSession):
     """Records per-layer gradient and weight statistics of a PyTorch training run.
@@ -217,7 +185,7 @@ class Watch(RunSession):
             {
                 "optimizer": type(optimizer).__name__,
                 "model": type(model).__name__ if model is not None else None,
-                "defaults": _jsonable(optimizer.defaults),
+                "defaults": jsonable_options(optimizer.defaults),
             },
             label=label,
         )
@@ -377,8 +345,6 @@ class Watch(RunSession):
     def attached(self) -> bool:
         return bool(self._streams) and not self._closed
 
-
-
 def refuse_rank0_guards(guards: Any, world_size: int, callback: str, framework_clip: str) -> None:
     """Callbacks that record on rank 0 only cannot guard: their guards would change rank 0's gradients
     alone and the replicas would drift apart. With several processes, say what to use instead."""
@@ -387,7 +353,6 @@ def refuse_rank0_guards(guards: Any, world_size: int, callback: str, framework_c
             f"{callback} records on rank 0 only, so its guards would change rank 0's gradients alone and the "
             f"replicas would drift apart; with several processes use {framework_clip}, or "
             "gradwatch.watch(..., guards=[...]) on every rank in a plain loop.")
-
 
 def _amp_listener(scaler: Any, optimizer: torch.optim.Optimizer) -> Any:
     """Before a GradScaler step: note each watching stream's step count; after it, a count that did
@@ -404,9 +369,7 @@ def _amp_listener(scaler: Any, optimizer: torch.optim.Optimizer) -> Any:
 
     return after
 
-
 _destroy_patched = False
-
 
 def _flush_before_destroy() -> None:
     """Wrap ``torch.distributed.destroy_process_group`` (once) so that every open watch flushes its
@@ -442,7 +405,6 @@ def _flush_before_destroy() -> None:
     dist.destroy_process_group = destroy_process_group
     _destroy_patched = True
 
-
 def watch(
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
@@ -456,7 +418,6 @@ def watch(
     """
     return Watch(model, optimizer, out, **options).attach()
 
-
 def _as_optimizer_list(optimizer: Any) -> list[torch.optim.Optimizer]:
     if optimizer is None:
         return []
@@ -467,15 +428,3 @@ def _as_optimizer_list(optimizer: Any) -> list[torch.optim.Optimizer]:
                 f"optimizer must be a torch.optim.Optimizer (or a list of them); got {type(o).__name__}."
             )
     return items
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, (bool, int, float, str)) or v is None:
-            out[k] = v
-        elif isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v):
-            out[k] = list(v)
-        else:
-            out[k] = repr(v)
-    return out

@@ -122,3 +122,20 @@ def in_model_order(params: Sequence[torch.Tensor], model: nn.Module, with_frozen
     ordered = [p for p in model.parameters() if id(p) in in_opt or (with_frozen and not p.requires_grad)]
     owned = {id(p) for p in ordered}
     return ordered + [p for p in params if id(p) not in owned]
+
+
+def unwrap_model(model: nn.Module | None) -> nn.Module | None:
+    """The user's module inside DistributedDataParallel / torch.compile wrappers (same parameters),
+    so layers keep their own module paths (``0.weight``, not ``module.0.weight`` or ``_orig_mod.0.weight``)."""
+    seen = 0
+    while model is not None and seen < 8:
+        seen += 1
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(model, nn.DataParallel):
+            model = model.module
+            continue
+        break
+    return model
