@@ -157,7 +157,7 @@ INTEGRATIONS = ("lightning.py", "transformers.py", "keras.py", "runner.py", "glo
 
 
 def private_names(*files: str) -> set[str]:
-    """The underscore attributes that ``files`` give their objects (``self._attached = ...``)."""
+    """The underscore attributes that ``files`` give their objects (``self._streams = ...``)."""
     names = set()
     for f in files:
         for node in ast.walk(ast.parse((SRC / f).read_text())):

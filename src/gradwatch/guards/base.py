@@ -1,6 +1,6 @@
 """The guard protocol and the chain that runs guards between backward and the optimizer step.
 
-A guard is a small object with up to four hooks, all optional:
+A guard is a small object with seven hooks, all optional:
 
 * ``setup(ctx)`` once, when its optimizer is first seen (which parameters, layer names, model);
 * ``prepare(step)`` every step before any guard's ``before_step``: decisions already taken on the
@@ -10,6 +10,8 @@ A guard is a small object with up to four hooks, all optional:
   restore a snapshot — all with device tensors, never reading one on the host;
 * ``commit(step)`` after every guard's ``before_step`` (the step's final skip decision is known);
 * ``after_step(step)`` after the optimizer ran (e.g. to undo a skipped update);
+* ``abort(step)`` when something failed before the optimizer ran: undo what was handed to it (e.g.
+  a skip flag given to a fused optimizer), so the step goes on unguarded rather than half-guarded;
 * ``on_window(window)`` on the host, after each flushed window of stored statistics (decisions that
   may wait a few steps, such as a rollback, are taken here, from numbers already on the host).
 
