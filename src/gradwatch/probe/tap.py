@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 #: Pre-activation |x| beyond which the activation is saturated: sigmoid(4.6) > 0.99 and
-#: sigmoid(-4.6) < 0.01; tanh(2.65) > 0.99 (DESIGN.md's saturation definitions).
+#: sigmoid(-4.6) < 0.01; tanh(2.65) > 0.99 (a unit is saturated when its output is within 0.01 of a bound).
 SATURATION_THRESHOLD = {
     "Sigmoid": 4.595, "LogSigmoid": 4.595, "Hardsigmoid": 3.0,
     "Tanh": 2.647, "Hardtanh": 1.0, "Softsign": 99.0,
