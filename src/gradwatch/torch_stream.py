@@ -53,7 +53,6 @@ class TorchStream:
         self.owner: Any = None
         self.failed = False
         self.store_failed: str | None = None  # why the run could not be written (data parallel only)
-        self.quiet = quiet
         #: Facts about the model written into the stream's meta.json entry once known (the order in
         #: which the layers ran, the loss function), so diagnosis can read them from the stored run.
         self.model_facts: dict[str, Any] = {} if loss is None else {"loss": loss}

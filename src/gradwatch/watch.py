@@ -274,22 +274,22 @@ class Watch(RunSession):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The step's gradients are final and the update has not happened: record, run the guards."""
         s = self._streams[id(optimizer)]
-        if s.failed:
-            return
-        self._last = s
-        staged, self._staged_loss = self._staged_loss, None
-        s.before_step(staged, self._staged_loss_fn)
+        if not s.failed:
+            s.before_step(*self._take_staged_loss(s))
 
     def on_after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The update has happened: its size, the guards' after-step part, the step is committed."""
         self._streams[id(optimizer)].after_step()
 
     def _amp_skipped(self, s: TorchStream, scaler: Any) -> None:
-        if s.failed or self._closed:
-            return
+        if not s.failed and not self._closed:
+            s.amp_skipped(scaler, *self._take_staged_loss(s))
+
+    def _take_staged_loss(self, s: TorchStream) -> tuple[torch.Tensor | None, str | None]:
+        """The loss the runner captured for the step ``s`` is taking now (it stepped last)."""
         self._last = s
         staged, self._staged_loss = self._staged_loss, None
-        s.amp_skipped(scaler, staged, self._staged_loss_fn)
+        return staged, self._staged_loss_fn
 
     # -- windows ------------------------------------------------------------------------------------
 
