@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("session", ("session", "shutdown", "finish")),
     ("framework side", ("frameworks", "objects", "amp", "probe", "guards", "torch_step", "torch_stream", "watch",
                         "treatment", "surgery", "runner", "global_hooks", "script_clips", "trainer_hooks", "keras",
+                        "keras_torch", "keras_compiled", "array_stream", "optax", "tf_loops",
                         "lightning", "transformers", "testing", "scenarios", "doctor")),
     ("entry points", ("cli", "__main__", "__init__")),
 ]
@@ -152,7 +153,8 @@ def test_module_level_imports_have_no_cycle() -> None:
             raise AssertionError("an import cycle at module level: " + " -> ".join(cycle))
 
 
-INTEGRATIONS = ("lightning.py", "transformers.py", "keras.py", "runner.py", "global_hooks.py", "script_clips.py",
+INTEGRATIONS = ("lightning.py", "transformers.py", "keras.py", "keras_torch.py", "runner.py", "global_hooks.py",
+                "script_clips.py",
                 "trainer_hooks.py")
 
 

@@ -1,38 +1,35 @@
-"""Keras 3 (torch backend): ``model.fit(..., callbacks=[gradwatch.keras.GradWatch(out="runs/k")])``.
+"""Keras 3 on every backend: ``model.fit(..., callbacks=[gradwatch.keras.GradWatch(out="runs/k")])``.
 
-Callbacks never see gradients, so gradwatch intercepts the model's optimizer: its ``apply(grads,
-variables)`` is wrapped for the duration of ``fit``. On the torch backend a Keras model is a
-``torch.nn.Module`` and every variable's value is a ``torch.nn.Parameter`` whose ``.grad`` holds the
-gradient Keras passes to ``apply``, so the PyTorch probe reads them as it reads any model's — same
-statistics, run directory, findings and report. Layers are named by the Keras variable paths
-(``sequential/dense/kernel``; Keras kernels are (in, out)).
+Callbacks never see gradients, so gradwatch goes through the model's optimizer, whose ``apply``
+every backend's training step calls:
 
-Keras' own clipping options (``clipnorm`` per variable, ``global_clipnorm``, ``clipvalue``) are
-stored with the run and applied by Keras inside ``apply``; gradwatch records the gradients before
-them (``grad_norm``) and, when one is set, the global norm after them (``grad_norm_clipped``, by
-calling the optimizer's own clipping on the same gradients).
+* **torch** (:mod:`gradwatch.keras_torch`): a Keras model is a ``torch.nn.Module``; the optimizer's
+  ``apply`` is wrapped and the PyTorch probe reads the gradients, as for any torch model.
+* **tensorflow, jax** (:mod:`gradwatch.keras_compiled`): ``apply`` runs traced inside the compiled
+  step, so the statistics are ops of that step, written into a ring held in optimizer variables and
+  read once per flush from this callback.
 
-Other backends (TensorFlow, JAX) keep gradients outside torch: this module refuses them in one
-sentence. gradwatch's guards act on torch optimizers and are not available here.
+Either way the layers are named by the Keras variable paths (``sequential/dense/kernel``), typed by
+their Keras layer, with the activation applied to their output; Keras' ``clipnorm``,
+``global_clipnorm`` and ``clipvalue`` are recorded. This module holds what every backend shares: the
+layer table, the loss's name, finding the model that owns an optimizer, and the callback.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
-import torch
-
 from .errors import GradwatchError
-from .probe.torch import TapTarget, global_norm
-from .store import LayerInfo
 from .session import default_out
-from .watch import Watch, claim, release
+from .store import LayerInfo
 
 try:
     import keras
 except ImportError:  # pragma: no cover - exercised only without the extra
-    raise GradwatchError("gradwatch.keras needs Keras 3; install it with `pip install gradwatch[keras]`.") from None
+    raise GradwatchError("gradwatch.keras needs Keras 3; install it with `pip install gradwatch[keras]` "
+                         "(or gradwatch[tensorflow], gradwatch[jax]).") from None
 
 _ACTIVATIONS = {"relu": "ReLU", "sigmoid": "Sigmoid", "tanh": "Tanh", "elu": "ELU", "selu": "SELU", "gelu": "GELU",
                 "silu": "SiLU", "swish": "SiLU", "leaky_relu": "LeakyReLU", "softplus": "Softplus", "softsign": "Softsign",
@@ -46,7 +43,7 @@ _TRANSPARENT_LAYERS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "Spati
                        "GroupNormalization", "ActivityRegularization", "Identity")
 
 
-def _activation_of(layer: Any) -> str | None:
+def own_activation(layer: Any) -> str | None:
     """The activation a layer applies itself (``Dense(activation="tanh")``, ``Activation("relu")``,
     ``ReLU()``), as a layer-table name; None for linear or none."""
     kind = _ACTIVATION_LAYERS.get(type(layer).__name__)
@@ -90,7 +87,7 @@ def _following_activation(layer: Any, consumers: dict[int, list[Any]]) -> str | 
             return None
         current, seen = nxt[0], seen + 1
         if _is_activation_layer(current):
-            return _activation_of(current)
+            return own_activation(current)
         if type(current).__name__ not in _TRANSPARENT_LAYERS:
             return None
     return None
@@ -118,101 +115,46 @@ def loss_name(model: Any) -> str | None:
     return f"{name}(from_logits=True)" if logits and name else name
 
 
-def _check_backend() -> None:
-    backend = keras.backend.backend()
-    if backend != "torch":
-        raise GradwatchError(
-            f"gradwatch reads Keras gradients on the torch backend; this Keras runs on {backend!r}. "
-            "Set KERAS_BACKEND=torch before the first `import keras`."
-        )
-
-
-class KerasOptimizerView:
-    """A Keras optimizer seen as a torch one by a watch stream: its variables' torch parameters as
-    one param group, its learning rate (a device tensor: no host read), its config as defaults."""
-
-    def __init__(self, optimizer: Any, variables: list[Any]):
-        self.keras_optimizer = optimizer
-        self.variables = variables
-        try:
-            config = optimizer.get_config()
-        except Exception:
-            # A custom LearningRateSchedule without get_config() makes the optimizer's config raise;
-            # the record keeps what can be read directly.
-            config = {k: getattr(optimizer, k, None) for k in ("name", "clipnorm", "global_clipnorm", "clipvalue")}
-        self.defaults = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool)) or v is None}
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        lr = getattr(self.keras_optimizer, "learning_rate", None)
-        value = getattr(lr, "value", lr)
-        return [{"params": [v.value for v in self.variables], "lr": value if isinstance(value, torch.Tensor) else None}]
-
-
-def _view_class(optimizer: Any) -> type:
-    return type(f"keras.{type(optimizer).__name__}", (KerasOptimizerView,), {})
-
-
-def _all_layers(model: Any) -> list[Any]:
+def all_layers(model: Any) -> list[Any]:
     return list(getattr(model, "_flatten_layers", lambda **k: model.layers)(include_self=False, recursive=True))
 
 
 def _owners(model: Any) -> dict[int, Any]:
     owner: dict[int, Any] = {}
-    for layer in _all_layers(model):
+    for layer in all_layers(model):
         for v in getattr(layer, "_trainable_variables", []) + getattr(layer, "_non_trainable_variables", []):
             owner.setdefault(id(v), layer)
     return owner
 
 
-def _effective_activations(model: Any) -> dict[int, str | None]:
+def effective_activations(model: Any) -> dict[int, str | None]:
     """Layer -> the activation applied to its output: its own, or that of the activation layer
     that follows it (``Dense(8)`` then ``Activation("tanh")``)."""
-    layers = _all_layers(model)
+    layers = all_layers(model)
     consumers = _consumers(model, layers)
     out: dict[int, str | None] = {}
     for layer in layers:
-        own = None if _is_activation_layer(layer) else _activation_of(layer)
+        own = None if _is_activation_layer(layer) else own_activation(layer)
         out[id(layer)] = own if own is not None else _following_activation(layer, consumers)
     return out
 
 
-def layer_table(model: Any, variables: list[Any]) -> tuple[list[LayerInfo], list[torch.Tensor]]:
+def layer_infos(model: Any, variables: list[Any]) -> list[LayerInfo]:
     """Layers named by Keras variable path, typed by their Keras layer, with the activation applied
-    to its output (its own, or a separate ``Activation`` layer's)."""
+    to its output (its own, or a separate ``Activation`` layer's). Any backend."""
     owner = _owners(model)
-    acts = _effective_activations(model)
-    layers, params = [], []
+    acts = effective_activations(model)
+    layers = []
     for v in variables:
         layer = owner.get(id(v))
-        p = v.value
+        shape = tuple(int(d) for d in v.shape)
         layers.append(LayerInfo(
-            name=v.path, shape=tuple(p.shape), numel=p.numel(),
+            name=v.path, shape=shape, numel=math.prod(shape),
             module_type=type(layer).__name__ if layer is not None else "?",
             activation=acts.get(id(layer)) if layer is not None else None,
-            dtype=str(p.dtype).replace("torch.", ""), trainable=v.trainable,
+            dtype=str(getattr(v, "dtype", "float32")).replace("torch.", ""), trainable=bool(v.trainable),
         ))
-        params.append(p)
-    return layers, params
-
-
-def tap_targets(model: Any, variables: list[Any]) -> list[TapTarget]:
-    """The Keras layers whose outputs the activation tap reads: every layer with a watched kernel
-    and units or filters (Dense, Conv). Their output is after their own activation when they have
-    one (read in the activation's output space), else the pre-activation of the layer after them."""
-    index = {id(v): i for i, v in enumerate(variables)}
-    acts = _effective_activations(model)
-    targets = []
-    for layer in _all_layers(model):
-        kernel = getattr(layer, "kernel", None)
-        if kernel is None or id(kernel) not in index or not isinstance(layer, torch.nn.Module):
-            continue
-        if not (hasattr(layer, "units") or hasattr(layer, "filters")):
-            continue
-        own = _activation_of(layer)
-        axis = 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
-        targets.append(TapTarget(layer, index[id(kernel)], acts.get(id(layer)), "post" if own else "pre", axis))
-    return targets
+    return layers
 
 
 def find_keras_model(variables: list[Any], optimizer: Any = None) -> Any:
@@ -234,141 +176,28 @@ def find_keras_model(variables: list[Any], optimizer: Any = None) -> Any:
     return best
 
 
-class KerasAttachment:
-    """Wraps one Keras optimizer's ``apply`` so that a watch sees every step it takes."""
-
-    #: How ``gradwatch run`` names the owner of an optimizer it leaves to this attachment.
-    owner_name = "gradwatch.keras.GradWatch"
-
-    def __init__(self, watch: Watch, model: Any, optimizer: Any, variables: list[Any] | None = None, *, wrap: bool = True):
-        _check_backend()
-        if watch.guards:
-            raise GradwatchError("gradwatch's guards act on torch optimizers; with Keras use its own clipnorm/clipvalue.")
-        variables = list(variables if variables is not None else model.trainable_variables)
-        if not variables:
-            raise GradwatchError(f"the Keras model {model.name!r} has no trainable variables; there is nothing to watch.")
-        # A LossScaleOptimizer unscales into new tensors and hands them to its inner optimizer:
-        # watch that one, which sees the true gradients.
-        optimizer = getattr(optimizer, "inner_optimizer", None) or optimizer
-        stale = optimizer.__dict__.get("apply")
-        if stale is not None and isinstance(getattr(stale, "__self__", None), KerasAttachment):
-            stale.__self__.abandon()  # a fit() that raised left its wrapper (Keras callbacks see no exceptions)
-        self.watch = watch
-        self.optimizer = optimizer
-        self.view = _view_class(optimizer)(optimizer, variables)
-        module = model if isinstance(model, torch.nn.Module) else None
-        self.att = watch.add_optimizer(self.view, module, hooks=False, layer_table=layer_table(model, variables),
-                                       tap_targets=tap_targets(model, variables) if module is not None else None,
-                                       loss=loss_name(model))
-        self._clip = any(getattr(optimizer, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
-        self._loss: torch.Tensor | None = None
-        self._model: Any = None
-        if wrap:
-            self._original = optimizer.apply
-            optimizer.apply = self._apply  # instance attribute: only this optimizer, undone by detach()
-            claim(optimizer, self)  # `gradwatch run`'s Keras hooks leave it to this callback
-
-    def before(self, grads: Any, variables: Any = None) -> None:
-        """The optimizer is about to apply ``grads``. They are what is recorded: the probe reads
-        ``.grad``, which a custom train_step (or a LossScaleOptimizer's unscaling) may not have
-        filled with these tensors, so each variable's ``.grad`` shows ``grads`` while the probe reads."""
-        grads = list(grads)
-        variables = list(variables) if variables is not None else self.view.variables
-        swapped = []
-        for v, g in zip(variables, grads):
-            p = getattr(v, "value", None)
-            if isinstance(p, torch.Tensor) and isinstance(g, torch.Tensor) and p.grad is not g:
-                if g.shape == p.shape and g.dtype == p.dtype and g.device == p.device:
-                    swapped.append((p, p.grad))
-                    p.grad = g
-        if self._loss is not None:
-            self.watch.stage_loss(self._loss)
-            self._loss = None
-        try:
-            self.watch.on_before_optimizer_step(self.view)
-            if self._clip and self.watch.watches(self.view):
-                self._record_clipping(grads)
-        finally:
-            for p, old in swapped:
-                p.grad = old
-
-    def capture_loss(self, model: Any) -> None:
-        """Take each training step's loss from the model's own loss computation (logs only carry the
-        epoch's running mean); undone by detach()."""
-        original = getattr(model, "_compute_loss", None)
-        if original is None:
-            return
-        attachment = self
-
-        def compute_loss(*a: Any, **k: Any) -> Any:
-            loss = original(*a, **k)
-            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and k.get("training", True):
-                attachment._loss = loss.detach()
-            return loss
-
-        model._compute_loss = compute_loss
-        self._model = model
-
-    def after(self) -> None:
-        self.watch.on_after_optimizer_step(self.view)
-
-    def _apply(self, grads: Any, trainable_variables: Any = None) -> Any:
-        if self.watch.closed:  # the watch is gone (its fit raised): step as if never wrapped
-            self.detach()
-            return self.optimizer.apply(grads, trainable_variables)
-        grads = list(grads)
-        self.before(grads, trainable_variables)
-        try:
-            return self._original(grads, trainable_variables)
-        finally:
-            self.after()
-
-    @torch.no_grad()
-    def _record_clipping(self, grads: list[Any]) -> None:
-        """The norm after Keras' own clipping (its clipping function, on the same gradients)."""
-        opt = self.optimizer
-        clipped = [g for g in opt._clip_gradients(grads) if g is not None]
-        after = global_norm(clipped, clipped[0].device) if clipped else None
-        if after is None:
-            return
-        limit = opt.global_clipnorm or (opt.clipnorm if not opt.clipvalue else None)
-        self.watch.record_clipping(self.view, float(limit) if limit else None, after=after)
-
-    def detach(self) -> None:
-        release(self.optimizer, self)
-        if self.optimizer.__dict__.get("apply") == self._apply:
-            del self.optimizer.apply
-        if self._model is not None and "_compute_loss" in self._model.__dict__:
-            del self._model._compute_loss
-            self._model = None
-
-    def abandon(self) -> None:
-        """Undo a wrapper whose fit() raised, and close its run as crashed."""
-        self.detach()
-        if not self.watch.closed:
-            self.watch.close(status="crashed")
-
-
 class GradWatch(keras.callbacks.Callback):
-    """Record (and diagnose, report) ``model.fit`` with gradwatch.
+    """Record (and diagnose, report) ``model.fit`` with gradwatch, on any Keras backend.
 
     Args:
         out: run directory (default ``gradwatch-runs/keras-TIME``).
-        **watch_options: passed to :class:`gradwatch.Watch` (``flush_every``, ``sample_every``,
-            ``report``, ``quiet``, ...).
+        **watch_options: ``flush_every``, ``sample_every``, ``report``, ``quiet``, ``tensorboard``,
+            ``overwrite``, ``diagnose_online``, ``summary`` (as :class:`gradwatch.Watch`); ``guards``
+            on the torch backend only (elsewhere use Keras' ``clipnorm``/``clipvalue``).
     """
 
     def __init__(self, out: str | os.PathLike[str] | None = None, **watch_options: Any):
         super().__init__()
         self.out = out
         self.watch_options = watch_options
-        self.watch: Watch | None = None
-        self._attachment: KerasAttachment | None = None
+        #: The run being recorded (a :class:`gradwatch.Watch` on torch, an ArraySession elsewhere).
+        self.watch: Any = None
+        self._attachment: Any = None
         self._fits = 0
+        self._per_call = 1
         self.findings: list[Any] = []
 
     def on_train_begin(self, logs: Any = None) -> None:
-        _check_backend()
         model = self.model
         if model.optimizer is None:
             raise GradwatchError("the Keras model has no optimizer; compile it before fit().")
@@ -380,14 +209,20 @@ class GradWatch(keras.callbacks.Callback):
         if self.out is not None and self._fits > 1:  # fit() again with the same callback: a new run beside it
             out = f"{self.out}-{self._fits}"
         options = {"summary": not self.watch_options.get("quiet", False), **self.watch_options}
-        self.watch = Watch(model if isinstance(model, torch.nn.Module) else None, out=out, attach_later=True, **options)
-        self.watch.status_at_exit = "crashed"  # closed at exit without on_train_end: fit() raised
-        try:
-            self._attachment = KerasAttachment(self.watch, model, model.optimizer)
-            self._attachment.capture_loss(model)
-        except BaseException:
-            self.watch.close(status="crashed")
-            raise
+        if keras.backend.backend() == "torch":
+            from .keras_torch import start
+        elif keras.backend.backend() in ("tensorflow", "jax"):
+            from .keras_compiled import start
+        else:
+            raise GradwatchError(f"gradwatch records Keras on torch, tensorflow or jax; this Keras runs on "
+                                 f"{keras.backend.backend()!r}.")
+        self.watch, self._attachment = start(model, out, options)
+        # With steps_per_execution=N, fit() calls the batch callbacks once per N steps.
+        self._per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self._attachment is not None:
+            self._attachment.host_step(self._per_call)
 
     def on_train_end(self, logs: Any = None) -> None:
         if self._attachment is not None:

@@ -124,7 +124,8 @@ class KerasHooks:
         if key in self._attachments or key in self._refused:
             return self._attachments.get(key)
         try:
-            from .keras import KerasAttachment, find_keras_model
+            from .keras import find_keras_model
+            from .keras_torch import KerasAttachment
 
             variables = list(variables if variables is not None else opt._trainable_variables)
             model = find_keras_model(variables, opt)

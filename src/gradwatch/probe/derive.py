@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ..store import HIST_BINS, HIST_EXP_MAX, HIST_EXP_MIN, LAYER_METRICS, STEP_METRICS, Chunk
-from .ring import AMP_SCALE, AMP_SKIPPED, COEF, EXP_BINS, GRAD_BLOCKS, LOSS, LR, NORM_AFTER, SKIPPED, THRESHOLD, RingLayout
+from .layout import AMP_SCALE, AMP_SKIPPED, COEF, EXP_BINS, GRAD_BLOCKS, LOSS, LR, NORM_AFTER, SKIPPED, THRESHOLD, RingLayout
 
 
 class HostRows:

@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .ring import LOSS, STEP_SLOTS, RingLayout
+from .layout import LOSS, STEP_SLOTS, RingLayout
 
 try:  # torch.distributed is optional in torch builds
     import torch.distributed as dist

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from .distributed import is_dtensor, local_tensor
-from .ring import EXP_BINS
+from .layout import EXP_BINS
 
 def by_device_dtype(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     """The indices of ``tensors`` grouped by (device, dtype), in order of first appearance: a foreach

@@ -10,53 +10,15 @@ does all the column arithmetic; the probe, the host derivation and the cross-ran
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, TypeVar
+from typing import Sequence
 
 import numpy as np
 import torch
 
-#: Per-layer blocks of a row, in ring order.
-BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w_cnorm", "dw_norm", "a_dead", "a_sat", "a_const")
-#: Ring blocks that scale with the gradients (divided by the loss scale where they carried it).
-GRAD_BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max")
-# Step slots: the loss and lr, what guards did (written by record_guards), the AMP loss scale and
-# whether GradScaler skipped the step (record_amp).
-LOSS, LR, NORM_AFTER, COEF, THRESHOLD, SKIPPED, AMP_SCALE, AMP_SKIPPED = range(8)
-STEP_SLOTS = 8
-#: The guards' slots, in record_guards' order: norm after, clip coefficient, threshold, skipped.
-GUARD_SLOTS = slice(NORM_AFTER, SKIPPED + 1)
-EXP_BINS = 256  # every value of a float32's 8-bit exponent field: the columns of a histogram row
-
-_Rows = TypeVar("_Rows", np.ndarray, torch.Tensor)
-
-
-class RingLayout:
-    """Where each statistic sits in a row of a ring for ``layers`` layers."""
-
-    def __init__(self, layers: int):
-        self.layers = layers
-        self.width = STEP_SLOTS + len(BLOCKS) * layers
-        self._columns = {name: slice(STEP_SLOTS + b * layers, STEP_SLOTS + (b + 1) * layers) for b, name in enumerate(BLOCKS)}
-
-    def columns(self, block: str) -> slice:
-        """The columns of ``block`` within one row, one per layer in layer order."""
-        return self._columns[block]
-
-    def block(self, rows: _Rows, block: str) -> _Rows:
-        """``block`` of every row of ``rows`` (rows x width, numpy or torch): a view, rows x layers."""
-        return rows[:, self._columns[block]]
-
-    def column_ids(self, block: str, layer_ids: Sequence[int]) -> list[int]:
-        """The columns of ``block`` that hold ``layer_ids``."""
-        start = self._columns[block].start
-        return [start + i for i in layer_ids]
-
-
-def max_sampled_in_window(is_sampled: Callable[[int], bool], window: int, horizon: int) -> int:
-    """The most sampled steps among any ``window`` consecutive steps before ``horizon`` (past it the
-    schedule is periodic): the histogram rows a window can need."""
-    marks = np.array([is_sampled(s) for s in range(horizon)], dtype=np.int64)
-    return int(np.convolve(marks, np.ones(window, np.int64), mode="valid").max())
+from .layout import (  # noqa: F401 - the layout's names, importable from here as before
+    AMP_SCALE, AMP_SKIPPED, BLOCKS, COEF, EXP_BINS, GRAD_BLOCKS, GUARD_SLOTS, LOSS, LR, NORM_AFTER, SKIPPED, STEP_SLOTS,
+    THRESHOLD, RingLayout, max_sampled_in_window,
+)
 
 
 class RingBuffer:

@@ -46,7 +46,8 @@ from .derive import HostRows, derive, fold_exponent_counts
 from .distributed import WindowReducer, local_tensor, world
 from .kernels import ParamGroup, exact_moments, exponent_counts, global_norm, l2_norms, per_tensor_norms
 from .layers import ACTIVATION_TYPES, OUTPUT_ACTIVATION_TYPES, build_layer_table, following_activations
-from .ring import RingBuffer, RingLayout, max_sampled_in_window
+from .layout import SHORT_RUN_STEPS, ProbeConfig, RingLayout, max_sampled_in_window
+from .ring import RingBuffer
 from .tap import SATURATION_THRESHOLD, SOFTMAX_SATURATED, ActivationTap, TapTarget, torch_tap_targets
 
 __all__ = [
@@ -54,11 +55,6 @@ __all__ = [
     "ProbeConfig", "StepInputs", "TapTarget", "TorchProbe", "build_layer_table", "fold_exponent_counts",
     "following_activations", "global_norm", "l2_norms", "per_tensor_norms", "torch_tap_targets",
 ]
-
-#: Steps at the start of a run that are sampled every other step: many real runs are 20-60 steps
-#: long, and each rule needs a few sampled values (dead units: three) to decide.
-SHORT_RUN_STEPS = 10
-
 
 @dataclass(frozen=True)
 class StepInputs:
@@ -74,36 +70,6 @@ class StepInputs:
     def unscaled(self, scale: torch.Tensor) -> "StepInputs":
         """The same step with its norms divided by a loss scale still carried by the gradients."""
         return self if self.norms is None else replace(self, norms=self.norms / scale)
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """How often each tier of statistics is computed and the buffer crosses to the host.
-
-    Args:
-        flush_every: steps per device->host copy (and per store append).
-        sample_every: steps between full statistics (everything but the gradient norm). The first
-            ``2 * sample_every`` steps are sampled five times as densely, and the first
-            SHORT_RUN_STEPS every other step: problems show early, and a run of 20 steps still
-            holds enough sampled steps to be diagnosed.
-    """
-
-    flush_every: int = 50
-    sample_every: int = 50
-
-    def __post_init__(self) -> None:
-        for name in ("flush_every", "sample_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise GradwatchError(f"{name} must be a positive integer; got {v!r}.")
-
-    def is_sampled(self, step: int) -> bool:
-        if step % self.sample_every == 0:
-            return True
-        if step < SHORT_RUN_STEPS:
-            return step % 2 == 0
-        dense = max(1, self.sample_every // 5)
-        return step < 2 * self.sample_every and step % dense == 0
 
 
 class TorchProbe:
