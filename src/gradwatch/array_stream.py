@@ -25,7 +25,7 @@ import numpy as np
 from . import shutdown
 from .probe.arrays import NO_GRAD
 from .probe.derive import HostRows, derive
-from .probe.layout import EXP_BINS, LOSS, ProbeConfig, RingLayout, max_sampled_in_window
+from .probe.layout import EXP_BINS, LOSS, LOSS_GIVEN, ProbeConfig, RingLayout, max_sampled_in_window
 from .session import RunSession
 from .store import Chunk, LayerInfo
 
@@ -78,8 +78,6 @@ class ArrayStream:
         self.lost = 0  # steps the ring overwrote before a flush read them
         #: Host fetches so far (tests count them: one per flush, none per step).
         self.fetches = 0
-        #: Whether the step writes its loss into the ring (else losses come from the host, or none).
-        self.has_loss = False
         self.extra: dict[str, Any] = {}  # fields for meta.json's stream entry at the end
 
     # -- gradwatch.session.Stream --------------------------------------------------------------
@@ -95,6 +93,11 @@ class ArrayStream:
     @property
     def reduces(self) -> bool:
         return False
+
+    def start_at(self, step: int) -> None:
+        """The device counter stands at ``step`` before the first recorded step (an optimizer that has
+        stepped before): steps before it are not this record's."""
+        self._stored = self._host_steps = int(step)
 
     def host_step(self, n: int = 1) -> None:
         """``n`` steps ran (as far as the host can tell): note the time; flush every ``flush_every``."""
@@ -165,8 +168,8 @@ class ArrayStream:
             k = min(n, len(got.losses))
             ring[n - k:, LOSS] = got.losses[-k:]
             rows.loss_logged[n - k:] = 1.0
-        elif self.has_loss:
-            rows.loss_logged[:] = 1.0  # the step wrote its loss (NaN included) into the ring
+        else:
+            rows.loss_logged[:] = ring[:, LOSS_GIVEN] == 1.0  # the step wrote its loss (NaN included)
         # Histogram rows of this window's sampled steps: the device wrote sample k at k % hist_rows.
         n_sampled = int(sampled.sum())
         ordinals = np.arange(int(got.sampled) - n_sampled, int(got.sampled))

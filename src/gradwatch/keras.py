@@ -176,6 +176,36 @@ def find_keras_model(variables: list[Any], optimizer: Any = None) -> Any:
     return best
 
 
+def watch(model: Any, optimizer: Any = None, out: str | os.PathLike[str] | None = None, **options: Any) -> Any:
+    """Record a custom training loop's Keras optimizer (``with tf.GradientTape() as tape: ...`` then
+    ``optimizer.apply_gradients(...)``), eager or inside ``tf.function``::
+
+        with gradwatch.keras.watch(model, optimizer, out="runs/loop") as w:
+            for x, y in data:
+                train_step(x, y)
+        print(w.findings)
+
+    On TensorFlow the loop's steps and losses are seen without any call (each ``apply``, each call
+    of a ``tf.function`` that applies, the scalar given to ``tape.gradient``); on JAX, whose loops
+    call ``stateless_apply`` in their own jit, call ``w.step()`` after each step. ``options`` are
+    :class:`GradWatch`'s. Returns an object with ``close()``, ``findings``, ``out`` and ``run``, also
+    a context manager.
+    """
+    optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise GradwatchError("gradwatch.keras.watch needs the optimizer the loop applies gradients with: "
+                             "watch(model, optimizer).")
+    out = out if out is not None else default_out("keras")
+    backend = keras.backend.backend()
+    if backend == "torch":
+        from .keras_torch import LoopWatch
+    elif backend in ("tensorflow", "jax"):
+        from .keras_compiled import LoopWatch  # type: ignore[assignment]
+    else:
+        raise GradwatchError(f"gradwatch records Keras on torch, tensorflow or jax; this Keras runs on {backend!r}.")
+    return LoopWatch(model, optimizer, out, options)
+
+
 class GradWatch(keras.callbacks.Callback):
     """Record (and diagnose, report) ``model.fit`` with gradwatch, on any Keras backend.
 

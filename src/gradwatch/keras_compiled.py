@@ -39,7 +39,7 @@ from .array_stream import ArraySession, Fetched, ring_shape
 from .errors import GradwatchError
 from .keras import layer_infos, loss_name
 from .probe import arrays
-from .probe.layout import COEF, LOSS, LR, NORM_AFTER, SKIPPED, THRESHOLD, ProbeConfig
+from .probe.layout import COEF, LOSS, LOSS_GIVEN, LR, NORM_AFTER, SKIPPED, THRESHOLD, ProbeConfig
 
 BACKEND = keras.backend.backend()
 if BACKEND not in ("tensorflow", "jax"):  # pragma: no cover - callers check first
@@ -48,6 +48,17 @@ if BACKEND not in ("tensorflow", "jax"):  # pragma: no cover - callers check fir
 
 def _ops() -> arrays.ArrayOps:
     return arrays.tf_ops() if BACKEND == "tensorflow" else arrays.jax_ops()
+
+
+def _outside_graph() -> Any:
+    """TensorFlow's ``init_scope`` (eager, outside any ``tf.function`` being traced); nothing on JAX."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.init_scope()
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def _eager() -> bool:
@@ -113,6 +124,11 @@ class Recorder:
 
     def __init__(self, session: ArraySession, model: Any, optimizer: Any, *, by_callback: bool,
                  variables: list[Any] | None = None):
+        with _outside_graph():  # an apply being traced may start a record: its variables are made eagerly
+            self._setup(session, model, optimizer, by_callback, variables)
+
+    def _setup(self, session: ArraySession, model: Any, optimizer: Any, by_callback: bool,
+               variables: list[Any] | None) -> None:
         optimizer = getattr(optimizer, "inner_optimizer", None) or optimizer  # LossScaleOptimizer: the true gradients
         if optimizer.__dict__.get("_gradwatch") is not None:
             optimizer.__dict__["_gradwatch"].detach()  # a fit() that raised left it attached
@@ -147,16 +163,21 @@ class Recorder:
         self._clips = any(getattr(optimizer, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
         info = {"optimizer": type(optimizer).__name__, "framework": f"keras/{BACKEND}",
                 "options": _optimizer_options(optimizer), "loss": loss_name(model)}
+        # The optimizer may have stepped before (an earlier fit): its counter, read once here, is
+        # where this record starts (the ring is written at iterations % rows).
+        self._eager_steps = int(np.asarray(ops.convert_to_numpy(optimizer.iterations)))
+        # Last: nothing after this can fail, so a record that could not start leaves no stream behind.
         self.stream = session.open(id(optimizer), layers, {k: v for k, v in info.items() if v is not None}, self.fetch,
                                    label=None)
-        self.stream.has_loss = True
+        self.stream.start_at(self._eager_steps)
         self.active = True
         self.pending = False
         self.clipped: list[Any] | None = None
         self.deltas: list[Any] = []
         self.loss: Any = None  # the step's loss, when the framework handed it over (see module docstring)
         self.functions: set[int] = set()  # tf.function objects whose trace contained this optimizer's apply
-        self._eager_steps = 0
+        #: Called after each step the host hears of (``gradwatch run``'s step limit).
+        self.after_host_step: Any = None
         self._original_class = type(optimizer)
         optimizer.__class__ = _watched_class(type(optimizer))
         optimizer.__dict__["_gradwatch"] = self
@@ -207,9 +228,10 @@ class Recorder:
         row, hist = self.maker.row(sampled, self._grads, weights, self.deltas, slots, g_norm=self._g_norm)
         self._write(step, sampled, row, hist)
         self._grads, self.deltas, self.clipped = [], [], None
-        if eager and not self.by_callback:
+        if eager:
             self._eager_steps += 1
-            self.stream.host_step()
+            if not self.by_callback:
+                self.host_step()
         elif not eager:
             _note_traced(self)
 
@@ -274,6 +296,8 @@ class Recorder:
 
     def host_step(self, n: int = 1) -> None:
         self.stream.host_step(n)
+        if self.after_host_step is not None:
+            self.after_host_step()
 
     def detach(self) -> None:
         """Stop recording this optimizer and give it its class back. The ring variables stay in its
@@ -407,8 +431,10 @@ def capture_jax_loss(model: Any, rec: Recorder) -> Any:
         optimizer_vars = list(optimizer_vars)
         row = (optimizer_vars[iter_i] - 1) % rec.rows
         loss = jnp.reshape(jnp.asarray(taken["loss"], jnp.float32), ())
-        optimizer_vars[ring_i] = jax.lax.dynamic_update_slice(optimizer_vars[ring_i], loss.reshape(1, 1),
-                                                              (row.astype(jnp.int32), jnp.int32(LOSS)))
+        ring = optimizer_vars[ring_i]
+        r = row.astype(jnp.int32)
+        ring = jax.lax.dynamic_update_slice(ring, loss.reshape(1, 1), (r, jnp.int32(LOSS)))
+        optimizer_vars[ring_i] = jax.lax.dynamic_update_slice(ring, jnp.ones((1, 1), jnp.float32), (r, jnp.int32(LOSS_GIVEN)))
         return logs, (trainable, non_trainable, optimizer_vars, metrics)
 
     model.train_step = train_step
@@ -494,3 +520,176 @@ def start(model: Any, out: Any, options: dict[str, Any]) -> tuple[ArraySession, 
         session.close(status="crashed")
         raise
     return session, Attachment(session, recorder, undo)
+
+
+class LoopWatch:
+    """A custom training loop's Keras optimizer under record (see :func:`gradwatch.keras.watch`): the
+    host hears of each step from the loop itself (eager ``apply`` calls, ``tf.function`` calls), or
+    from :meth:`step` where it cannot (a JAX loop that calls ``stateless_apply`` in its own jit)."""
+
+    def __init__(self, model: Any, optimizer: Any, out: Any, options: dict[str, Any]):
+        self.session = session_for(out, {"summary": not options.get("quiet", False), **options})
+        try:
+            self.recorder = Recorder(self.session, model, optimizer, by_callback=BACKEND == "jax")
+        except BaseException:
+            self.session.close(status="crashed")
+            raise
+
+    @property
+    def out(self) -> Any:
+        return self.session.out
+
+    @property
+    def findings(self) -> list[Any]:
+        return self.session.findings
+
+    @property
+    def run(self) -> Any:
+        return self.session.run
+
+    def step(self, n: int = 1) -> None:
+        """``n`` steps ran (only needed where the loop's steps cannot be seen: JAX)."""
+        self.recorder.host_step(n)
+
+    def close(self, status: str = "finished") -> None:
+        self.recorder.detach()
+        self.session.close(status=status)
+
+    def __enter__(self) -> "LoopWatch":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        from .session import status_for
+
+        self.close(status=status_for(exc))
+
+
+# ------------------------------------------------------------------- gradwatch run
+
+
+class RunnerHooks:
+    """``gradwatch run`` for Keras on TensorFlow and JAX: each ``fit`` gets a callback recording into
+    one run (a stream per optimizer, kept across fits); a TensorFlow custom loop's optimizer is
+    recorded from its first ``apply`` on. An optimizer a ``GradWatch`` of the script's own records
+    is left to it.
+
+    Args:
+        watch: the runner's (PyTorch) watch: where the run goes and its options.
+        max_steps: stop the script after this many steps (``gradwatch.global_hooks.StepLimitReached``).
+        others: filled with the script's own recorders (id -> owner), to say so at the end.
+    """
+
+    def __init__(self, watch: Any, max_steps: int | None, others: dict[int, Any], stop: Any):
+        self.watch = watch
+        self.max_steps = max_steps
+        self.others = others
+        self._stop = stop
+        self.session: ArraySession | None = None
+        self.recorders: dict[int, Recorder] = {}
+        self._undo_loss: dict[int, Any] = {}
+        self._said_jax_loop = False
+
+    def _session(self) -> ArraySession:
+        if self.session is None:
+            w = self.watch
+            self.session = session_for(w.out, {"flush_every": w.config.flush_every, "sample_every": w.config.sample_every,
+                                               "quiet": w.quiet, "report": w.report, "tensorboard": w.tensorboard,
+                                               "summary": False, "overwrite": w.overwrite})
+        return self.session
+
+    def _own(self, optimizer: Any) -> Recorder | None:
+        """This run's recorder of ``optimizer``; None when the script's own GradWatch records it."""
+        optimizer = getattr(optimizer, "inner_optimizer", None) or optimizer
+        rec = optimizer.__dict__.get("_gradwatch")
+        if rec is not None and rec.session is not self.session:
+            self.others[id(rec.session)] = rec.session
+            return None
+        return rec
+
+    def recorder(self, model: Any, optimizer: Any, *, by_callback: bool) -> Recorder | None:
+        opt = getattr(optimizer, "inner_optimizer", None) or optimizer
+        if opt.__dict__.get("_gradwatch") is not None:
+            return self._own(opt)
+        rec = Recorder(self._session(), model, opt, by_callback=by_callback)
+        rec.after_host_step = self._check_limit
+        self.recorders[id(opt)] = rec
+        return rec
+
+    def _check_limit(self) -> None:
+        if self.max_steps is not None and self.session is not None and self.session.steps >= self.max_steps:
+            raise self._stop()
+
+    def on_apply(self, optimizer: Any, variables: Any) -> None:
+        """An ``apply`` outside ``fit``: a custom loop's (TensorFlow: recorded from now on)."""
+        opt = getattr(optimizer, "inner_optimizer", None) or optimizer
+        if opt.__dict__.get("_gradwatch") is not None or id(opt) in self.recorders:
+            return
+        if BACKEND == "jax":
+            if not self._said_jax_loop and not self.watch.quiet:
+                print("gradwatch: a JAX custom loop's optimizer steps inside its own jit, where `gradwatch run` cannot "
+                      "add its record; use gradwatch.keras.watch(model, optimizer) and w.step() in the loop.",
+                      file=sys.stderr)
+            self._said_jax_loop = True
+            self.recorders[id(opt)] = None  # type: ignore[assignment]
+            return
+        from .keras import find_keras_model
+
+        try:
+            variables = list(variables if variables is not None else opt._trainable_variables)
+            model = find_keras_model(variables, opt)
+            self.recorder(model, opt, by_callback=False)
+        except GradwatchError as e:
+            self.recorders[id(opt)] = None  # type: ignore[assignment]
+            print(f"gradwatch: not recording {type(opt).__name__}: {e}", file=sys.stderr)
+        except Exception as e:  # a monitor must never stop the script it watches; tried once
+            self.recorders[id(opt)] = None  # type: ignore[assignment]
+            print(f"gradwatch: not recording {type(opt).__name__} after an internal error ({type(e).__name__}: {e}); "
+                  "training continues. Please report this.", file=sys.stderr)
+
+    def callback(self) -> Any:
+        return _RunnerCallback(self)
+
+    def close(self, status: str) -> ArraySession | None:
+        for rec in self.recorders.values():
+            if rec is not None:
+                rec.detach()
+        for undo in self._undo_loss.values():
+            undo()
+        if self.session is not None:
+            self.session.close(status=status)
+        return self.session
+
+
+class _RunnerCallback(keras.callbacks.Callback):
+    """The callback ``gradwatch run`` adds to each ``fit`` (see :class:`RunnerHooks`)."""
+
+    def __init__(self, hooks: RunnerHooks):
+        super().__init__()
+        self.hooks = hooks
+        self.rec: Recorder | None = None
+        self._per_call = 1
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        model = self.model
+        if model.optimizer is None:
+            return
+        try:
+            self.rec = self.hooks.recorder(model, model.optimizer, by_callback=True)
+            if self.rec is not None:
+                self.rec.by_callback = True
+                if BACKEND == "jax" and id(model) not in self.hooks._undo_loss:
+                    undo = capture_jax_loss(model, self.rec)
+                    if undo is not None:
+                        self.hooks._undo_loss[id(model)] = undo
+        except GradwatchError as e:
+            print(f"gradwatch: not recording this fit(): {e}", file=sys.stderr)
+            self.rec = None
+        self._per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.rec is not None:
+            self.rec.host_step(self._per_call)
+
+    def on_train_end(self, logs: Any = None) -> None:
+        if self.rec is not None:
+            self.rec.stream.flush()

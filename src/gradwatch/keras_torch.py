@@ -220,3 +220,40 @@ def start(model: Any, out: Any, options: dict[str, Any]) -> tuple[Watch, KerasAt
         watch.close(status="crashed")
         raise
     return watch, attachment
+
+
+class LoopWatch:
+    """A custom loop's Keras optimizer under a watch, on the torch backend (see
+    :func:`gradwatch.keras.watch`): its ``apply`` is wrapped until :meth:`close`."""
+
+    def __init__(self, model: Any, optimizer: Any, out: Any, options: dict[str, Any]):
+        check_backend()
+        self.watch = Watch(model if isinstance(model, torch.nn.Module) else None, out=out, attach_later=True,
+                           **{"summary": not options.get("quiet", False), **options})
+        try:
+            if not optimizer.built:
+                optimizer.build(model.trainable_variables)
+            self.attachment = KerasAttachment(self.watch, model, optimizer)
+            self.attachment.capture_loss(model)
+        except BaseException:
+            self.watch.close(status="crashed")
+            raise
+
+    out = property(lambda self: self.watch.out)
+    findings = property(lambda self: self.watch.findings)
+    run = property(lambda self: self.watch.run)
+
+    def step(self, n: int = 1) -> None:
+        """Steps are seen at each ``apply``: nothing to do."""
+
+    def close(self, status: str = "finished") -> None:
+        self.attachment.detach()
+        self.watch.close(status=status)
+
+    def __enter__(self) -> "LoopWatch":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        from .session import status_for
+
+        self.close(status=status_for(exc))

@@ -74,7 +74,7 @@ def run_script(
     seed: int | None = None,
     treatment: Any = None,
     **watch_options: Any,
-) -> tuple[int, Watch]:
+) -> tuple[int, Any]:
     """Run a script (or ``-m`` module) as ``python`` would, recording every optimizer it steps.
 
     Args:
@@ -83,7 +83,8 @@ def run_script(
         treatment: a :class:`~gradwatch.treatment.Treatment` installed while the script runs
             (remedies applied from outside; its guards join the watch's).
     Returns:
-        the script's exit code, and the :class:`~gradwatch.watch.Watch` (closed) that recorded it.
+        the script's exit code, and the run (closed) that recorded it: the
+        :class:`~gradwatch.watch.Watch`, or for a Keras script on TensorFlow or JAX its run.
     """
     name = target.rsplit(".", 1)[-1] if module else Path(target).stem
     if treatment is not None and treatment.guards:
@@ -104,6 +105,7 @@ def run_script(
         sys.path[0:1] = [str(Path(target).resolve().parent)]
     code, status = 0, "finished"
     hooks: GlobalHooks | None = None
+    keras_hooks: KerasHooks | None = None
     try:
         with contextlib.ExitStack() as stack:
             if treatment is not None:
@@ -111,7 +113,7 @@ def run_script(
             clips = ScriptClips(w)
             hooks = stack.enter_context(GlobalHooks(w, max_steps, clips))
             stack.enter_context(clips)
-            stack.enter_context(KerasHooks(w, hooks.others))
+            keras_hooks = stack.enter_context(KerasHooks(w, hooks.others, max_steps, StepLimitReached))
             stack.enter_context(TrainerHooks(w))
             stack.enter_context(LossCapture(w))
             try:
@@ -139,6 +141,11 @@ def run_script(
     finally:
         sys.argv = saved_argv
         sys.path[:] = saved_path
+        compiled = keras_hooks.compiled.close(status) if keras_hooks is not None and keras_hooks.compiled else None
+        if compiled is not None and compiled.layers:
+            w.quiet = True  # the Keras (TensorFlow/JAX) run in the same directory holds the record
+            w.close(status=status)
+            return code, compiled  # type: ignore[return-value]
         others = hooks.others.values() if hooks is not None else ()
         if others and not w.layers and not w.quiet:
             # Not "nothing was recorded": the script records its optimizers itself.

@@ -235,6 +235,11 @@ class RunSession:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def overwrite(self) -> bool:
+        """Whether this run replaces a run already in ``out``."""
+        return self._overwrite
+
     def _ensure_writer(self) -> RunWriter | _NullWriter:
         if self._writer is None:
             self.rank = self._rank_of()  # a process group may have started since construction

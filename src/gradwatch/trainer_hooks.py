@@ -80,28 +80,92 @@ class AfterImport:
 
 
 class KerasHooks:
-    """``gradwatch run`` for Keras 3 scripts (torch backend): Keras optimizers are not torch ones,
-    so their ``apply`` is wrapped — on the base class, as soon as the script imports Keras — and
-    each optimizer's first apply starts a stream for the Keras model that owns its variables.
+    """``gradwatch run`` for Keras 3 scripts, as soon as the script imports Keras.
+
+    * torch backend: Keras optimizers are not torch ones, so their ``apply`` is wrapped on the base
+      class, and each optimizer's first apply starts a stream for the Keras model that owns its
+      variables;
+    * tensorflow and jax backends: ``apply`` runs traced, so each ``fit`` gets a callback and a
+      TensorFlow custom loop's optimizer is recorded from its first ``apply`` on
+      (:class:`gradwatch.keras_compiled.RunnerHooks`, into a run of their own in the same directory).
+
     An optimizer that a ``gradwatch.keras.GradWatch`` callback of the script's own records is left to it."""
 
-    def __init__(self, watch: Watch, others: dict[int, Any] | None = None):
+    def __init__(self, watch: Watch, others: dict[int, Any] | None = None, max_steps: int | None = None,
+                 stop: Any = None):
         self._watch = watch
         self._attachments: dict[int, Any] = {}
         self._refused: set[int] = set()
         self._others = others if others is not None else {}
-        self._imports = AfterImport({"keras.src.optimizers.base_optimizer": self._patch})
+        self._max_steps = max_steps
+        self._stop = stop
+        #: The run of a TensorFlow or JAX Keras script (None until one records).
+        self.compiled: Any = None
+        self._imports = AfterImport({"keras.src.optimizers.base_optimizer": self._patch,
+                                     "keras.src.models.model": self._patch_fit})
 
     def __enter__(self) -> "KerasHooks":
         self._imports.__enter__()
         return self
 
+    @staticmethod
+    def _backend(module: Any) -> str:
+        from keras.src.backend import backend
+
+        return backend()
+
+    def _compiled_hooks(self) -> Any:
+        if self.compiled is None:
+            from .keras_compiled import RunnerHooks
+
+            self.compiled = RunnerHooks(self._watch, self._max_steps, self._others, self._stop)
+        return self.compiled
+
+    def _patch_fit(self, module: Any) -> Any:
+        if self._backend(module) == "torch":
+            return None  # the torch backend is recorded at apply
+        model_cls = module.Model
+        had = "fit" in model_cls.__dict__
+        original = model_cls.fit
+        hooks = self
+
+        def fit(model: Any, *args: Any, **kwargs: Any) -> Any:
+            from .keras import GradWatch
+
+            given = kwargs.get("callbacks")
+            callbacks = [] if given is None else list(given) if isinstance(given, (list, tuple)) else None
+            if callbacks is not None and not any(isinstance(c, GradWatch) for c in callbacks) and len(args) < 6:
+                try:
+                    kwargs["callbacks"] = [*callbacks, hooks._compiled_hooks().callback()]
+                except Exception as e:  # a monitor must never stop the script it watches
+                    print(f"gradwatch: could not add the Keras callback ({type(e).__name__}: {e}); this fit() is not "
+                          "recorded.", file=sys.stderr)
+            return original(model, *args, **kwargs)
+
+        model_cls.fit = fit
+
+        def undo() -> None:
+            if had:
+                model_cls.fit = original
+            else:
+                del model_cls.fit
+
+        return undo
+
     def _patch(self, module: Any) -> Any:
         base = module.BaseOptimizer
         original = base.apply
         hooks = self
+        compiled = self._backend(module) != "torch"
 
         def apply(opt: Any, grads: Any, trainable_variables: Any = None) -> Any:
+            if compiled:
+                try:
+                    hooks._compiled_hooks().on_apply(opt, trainable_variables)
+                except Exception as e:  # a monitor must never stop the script it watches
+                    print(f"gradwatch: not recording {type(opt).__name__} after an internal error "
+                          f"({type(e).__name__}: {e}); training continues.", file=sys.stderr)
+                return original(opt, grads, trainable_variables)
             att = hooks._attachment(opt, trainable_variables)
             if att is None:
                 return original(opt, grads, trainable_variables)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from .layout import BLOCKS, EXP_BINS, SHORT_RUN_STEPS, STEP_SLOTS, ProbeConfig, RingLayout
+from .layout import BLOCKS, EXP_BINS, LOSS, LOSS_GIVEN, SHORT_RUN_STEPS, STEP_SLOTS, ProbeConfig, RingLayout
 
 #: What a layer's gradient-norm column holds on a step where it had no gradient (norms are >= 0 or
 #: NaN, so it cannot be mistaken for one).
@@ -152,12 +152,15 @@ class RowMaker:
                 statistics.
             grads, weights, deltas: per layer, in layer order (None: not known this step). ``deltas``
                 is the update ``w_after - w_before`` of each layer.
-            slots: step-slot index -> scalar (the loss, the lr, what a clipping did); the rest NaN.
+            slots: step-slot index -> scalar (the loss, the lr, what a clipping did); the rest NaN
+                (a given loss also sets LOSS_GIVEN).
             g_norm: the per-layer norms if already computed (:meth:`grad_norms`).
         """
         ops, xp, L = self.ops, self.ops.xp, self.layers
         if g_norm is None:
             g_norm = self.grad_norms(grads)
+        if LOSS in slots:
+            slots = {**slots, LOSS_GIVEN: 1.0}
         head = xp.stack([ops.scalar(slots.get(i)) for i in range(STEP_SLOTS)])
 
         def full() -> tuple[Any, Any]:

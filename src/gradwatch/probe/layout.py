@@ -20,9 +20,10 @@ BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w_
 #: Ring blocks that scale with the gradients (divided by the loss scale where they carried it).
 GRAD_BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max")
 # Step slots: the loss and lr, what guards did (written by record_guards), the AMP loss scale and
-# whether GradScaler skipped the step (record_amp).
-LOSS, LR, NORM_AFTER, COEF, THRESHOLD, SKIPPED, AMP_SCALE, AMP_SKIPPED = range(8)
-STEP_SLOTS = 8
+# whether GradScaler skipped the step (record_amp); LOSS_GIVEN is 1 where a compiled step wrote its
+# loss (a NaN loss is a loss; PyTorch's probe keeps this fact on the host instead).
+LOSS, LR, NORM_AFTER, COEF, THRESHOLD, SKIPPED, AMP_SCALE, AMP_SKIPPED, LOSS_GIVEN = range(9)
+STEP_SLOTS = 9
 #: The guards' slots, in record_guards' order: norm after, clip coefficient, threshold, skipped.
 GUARD_SLOTS = slice(NORM_AFTER, SKIPPED + 1)
 EXP_BINS = 256  # every value of a float32's 8-bit exponent field: the columns of a histogram row
