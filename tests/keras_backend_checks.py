@@ -173,7 +173,28 @@ def check_crash(out: Path) -> dict[str, Any]:
     return {"steps": len(run.steps), "status": run.status}
 
 
+def check_activations(out: Path) -> dict[str, Any]:
+    """Activation statistics from the layers the torch backend taps: a saturated sigmoid layer, a ReLU
+    layer (a separate Activation) that never fires, the tanh layer after it (constant input)."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(256, 10)).astype("float32")
+    model = keras.Sequential([
+        keras.Input((10,)),
+        keras.layers.Dense(32, activation="sigmoid", kernel_initializer=keras.initializers.RandomNormal(0, 3.0)),
+        keras.layers.Dense(32, bias_initializer=keras.initializers.Constant(-3.0)), keras.layers.Activation("relu"),
+        keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="binary_crossentropy")
+    model.fit(x, (x[:, :1] > 0).astype("float32"), epochs=1, batch_size=64, verbose=0,
+              callbacks=[GradWatch(out / "acts", **OPTS)])
+    run = gw.load_run(out / "acts")
+    first = run.step_series("sampled") == 1
+    return {k: [None if np.isnan(v) else float(v) for v in run.layer_series(k)[first][0, ::2]]
+            for k in ("act_dead_frac", "act_sat_frac", "act_const_frac")}
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1])
-    result = {"backend": BACKEND, "fit": check_fit(root), "loop": check_loop(root), "crash": check_crash(root)}
+    result = {"backend": BACKEND, "fit": check_fit(root), "loop": check_loop(root), "crash": check_crash(root),
+              "acts": check_activations(root)}
     print("RESULT " + json.dumps(result))

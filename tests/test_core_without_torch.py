@@ -90,3 +90,25 @@ def test_recording_without_torch_says_what_is_missing_in_one_sentence(tmp_path: 
     assert "pip install gradwatch[torch]" in proc.stdout
     assert "CLI: 2" in proc.stdout
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("gradwatch: error: gradwatch run trains with PyTorch")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("jax", "keras")),
+                    reason="jax or keras is not installed")
+def test_keras_on_jax_records_without_torch(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH + textwrap.dedent("""
+            import os
+            os.environ["KERAS_BACKEND"] = "jax"
+            import numpy as np, keras
+            import gradwatch as gw
+            from gradwatch.keras import GradWatch
+            keras.utils.set_random_seed(0)
+            m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+            m.compile(optimizer="sgd", loss="mse")
+            x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+            m.fit(x, x[:, :1], epochs=2, batch_size=16, verbose=0, callbacks=[GradWatch("run", quiet=True)])
+            print("STEPS", len(gw.load_run("run").steps), "TORCH" if "torch" in sys.modules else "NO-TORCH")
+            """)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "GRADWATCH_REPORT": "0"})
+    assert "STEPS 8 NO-TORCH" in proc.stdout, proc.stdout + proc.stderr[-3000:]

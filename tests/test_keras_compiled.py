@@ -108,6 +108,15 @@ def test_a_fit_that_raises_keeps_what_was_flushed(backend: str, root: str) -> No
     assert crash["steps"] >= 20  # flush_every=10: at most the steps after the last flush are lost
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_statistics_come_from_the_layers_torch_taps(backend: str, root: str) -> None:
+    acts = checks(backend, root)["acts"]  # kernels of: sigmoid N(0, 3), Dense + Activation("relu") never firing, tanh, output
+    assert acts["act_dead_frac"] == [0.0, 1.0, 1.0, 0.0]
+    assert acts["act_sat_frac"][0] > 0.4 and acts["act_sat_frac"][1] is None  # ReLU has no flat part to saturate
+    assert acts["act_sat_frac"][2:] == [0.0, 0.0]
+    assert acts["act_const_frac"] == [0.0, 0.0, 1.0, 1.0]  # after a dead layer every unit is constant
+
+
 LOOP = '''
 import sys
 import numpy as np

@@ -157,6 +157,22 @@ def layer_infos(model: Any, variables: list[Any]) -> list[LayerInfo]:
     return layers
 
 
+def tap_layers(model: Any, variables: list[Any]) -> list[tuple[Any, int, str | None, str]]:
+    """The Keras layers whose outputs the activation statistics read, on every backend: each layer
+    with a watched kernel and units or filters (Dense, Conv), as (layer, index of its kernel in
+    ``variables``, the activation on its output, ``"post"`` when the layer applies it itself — its
+    output is read in the activation's output space — else ``"pre"``)."""
+    index = {id(v): i for i, v in enumerate(variables)}
+    acts = effective_activations(model)
+    out = []
+    for layer in all_layers(model):
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None or id(kernel) not in index or not (hasattr(layer, "units") or hasattr(layer, "filters")):
+            continue
+        out.append((layer, index[id(kernel)], acts.get(id(layer)), "post" if own_activation(layer) else "pre"))
+    return out
+
+
 def find_keras_model(variables: list[Any], optimizer: Any = None) -> Any:
     """The live Keras model that owns most of ``variables`` (on a tie: the one compiled with
     ``optimizer`` — not the functional graph a Sequential keeps inside —, then the fewest others)."""

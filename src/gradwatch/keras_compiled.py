@@ -37,7 +37,7 @@ from keras import ops
 
 from .array_stream import ArraySession, Fetched, ring_shape
 from .errors import GradwatchError
-from .keras import layer_infos, loss_name
+from .keras import layer_infos, loss_name, tap_layers
 from .probe import arrays
 from .probe.layout import COEF, LOSS, LOSS_GIVEN, LR, NORM_AFTER, SKIPPED, THRESHOLD, ProbeConfig
 
@@ -59,6 +59,16 @@ def _outside_graph() -> Any:
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def _here(t: Any) -> bool:
+    """TensorFlow: whether ``t`` can be used where ``apply`` runs now (eager with eager, or a tensor of
+    the graph being traced), not one left from another ``tf.function``."""
+    import tensorflow as tf
+
+    if tf.is_symbolic_tensor(t) != (not tf.executing_eagerly()):
+        return False
+    return not tf.is_symbolic_tensor(t) or t.graph is tf.compat.v1.get_default_graph()
 
 
 def _eager() -> bool:
@@ -171,6 +181,12 @@ class Recorder:
                                    label=None)
         self.stream.start_at(self._eager_steps)
         self.active = True
+        #: Layer index -> its units' (dead, saturated, constant) shares from this step's forward.
+        self.act_stats: dict[int, Any] = {}
+        self.jax_sampled: Any = None  # JAX: whether the step being traced is sampled (set around its forward)
+        self._taps: list[tuple[Any, Any]] = []
+        for layer, i, activation, space in tap_layers(model, variables):
+            self._tap(layer, i, activation, space)
         self.pending = False
         self.clipped: list[Any] | None = None
         self.deltas: list[Any] = []
@@ -186,6 +202,30 @@ class Recorder:
             _tf_hooks.acquire()
 
     # -- inside the step (traced) ----------------------------------------------------------------
+
+    def _tap(self, layer: Any, index: int, activation: str | None, space: str) -> None:
+        """Read ``layer``'s output in the forward (its ``call``, replaced on the instance until detach)."""
+        original = layer.call
+        rec = self
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            if rec.active:
+                sampled = rec._forward_sampled()
+                if sampled is not None and hasattr(out, "shape") and len(out.shape) >= 2:
+                    rec.act_stats[index] = arrays.unit_stats(rec.maker.ops, out, activation, space, sampled)
+            return out
+
+        layer.call = call
+        self._taps.append((layer, call))
+
+    def _forward_sampled(self) -> Any:
+        """Whether the forward being run belongs to a sampled step (None: not a training step's)."""
+        if BACKEND == "jax":
+            return self.jax_sampled
+        if _eager():
+            return self.config.is_sampled(self._eager_steps)
+        return arrays.is_sampled(self.config, ops.convert_to_tensor(self.optimizer._iterations))
 
     def begin(self, grads: Any, variables: Any) -> None:
         self.pending = True
@@ -225,7 +265,8 @@ class Recorder:
             slots.update({NORM_AFTER: after, COEF: after / raw, SKIPPED: 0.0})
             if self._clip_limit:
                 slots[THRESHOLD] = float(self._clip_limit)
-        row, hist = self.maker.row(sampled, self._grads, weights, self.deltas, slots, g_norm=self._g_norm)
+        acts = self._take_acts() if BACKEND == "tensorflow" else {}
+        row, hist = self.maker.row(sampled, self._grads, weights, self.deltas, slots, g_norm=self._g_norm, acts=acts)
         self._write(step, sampled, row, hist)
         self._grads, self.deltas, self.clipped = [], [], None
         if eager:
@@ -239,13 +280,12 @@ class Recorder:
         loss, self.loss = self.loss, None
         if loss is None or BACKEND != "tensorflow":
             return loss
-        import tensorflow as tf
+        return loss if _here(loss) else None
 
-        if tf.is_symbolic_tensor(loss) != (not tf.executing_eagerly()):
-            return None  # differentiated in another graph (or eagerly, outside this trace)
-        if tf.is_symbolic_tensor(loss) and loss.graph is not tf.compat.v1.get_default_graph():
-            return None
-        return loss
+    def _take_acts(self) -> dict[int, Any]:
+        """TensorFlow: the activation statistics of this step's forward, if it ran in this graph."""
+        acts, self.act_stats = self.act_stats, {}
+        return {i: a for i, a in acts.items() if _here(a)}
 
     def _write(self, step: Any, sampled: Any, row: Any, hist: Any) -> None:
         R, H = self.rows, self.hist_rows
@@ -309,6 +349,10 @@ class Recorder:
         if opt.__dict__.get("_gradwatch") is self:
             del opt.__dict__["_gradwatch"]
             opt.__class__ = self._original_class
+        for layer, call in self._taps:
+            if layer.__dict__.get("call") is call:
+                del layer.call
+        self._taps = []
         if self in _live:
             _live.remove(self)
             if BACKEND == "tensorflow":
@@ -399,42 +443,71 @@ _tf_hooks = _TfHooks()
 
 
 def capture_jax_loss(model: Any, rec: Recorder) -> Any:
-    """Under ``fit`` on JAX, put each step's unscaled loss into the ring row its ``apply`` wrote: the
-    train step is traced with the hand-over to the metrics watched, and the returned optimizer state
-    gets the loss. Returns the function that undoes it (None when this Keras has no such hand-over)."""
+    """Under ``fit`` on JAX, put each step's unscaled loss and its forward's activation statistics
+    into the ring row its ``apply`` wrote. The forward runs inside ``jax.value_and_grad``, whose
+    inner values cannot be used outside it: the statistics leave through its auxiliary output (the
+    prediction, wrapped and unwrapped again before the metrics see it), the loss where the train
+    step hands it to the metrics; the returned optimizer state gets both. Returns the function that
+    undoes it (None when this Keras has no such hand-over)."""
     import jax
     import jax.numpy as jnp
 
     original_step = model.train_step
     handover = getattr(model, "_update_metrics_variables", None)
-    if handover is None:
+    forward = getattr(model, "compute_loss_and_updates", None)
+    if handover is None or forward is None:
         return None
     opt_vars = rec.optimizer.variables
     ring_i = next(i for i, v in enumerate(opt_vars) if v is rec.ring)
     iter_i = next(i for i, v in enumerate(opt_vars) if v is rec.optimizer._iterations)
+    wrapped = "gradwatch_y_pred"
+
+    def loss_and_updates(*args: Any, **kwargs: Any) -> Any:
+        optimizer_variables = kwargs.get("optimizer_variables")
+        if not kwargs.get("training") or optimizer_variables is None or not rec._taps:
+            return forward(*args, **kwargs)
+        rec.jax_sampled = arrays.is_sampled(rec.config, optimizer_variables[iter_i])
+        rec.act_stats = {}
+        try:
+            loss, (unscaled, y_pred, non_trainable, metrics) = forward(*args, **kwargs)
+        finally:
+            rec.jax_sampled = None
+            acts, rec.act_stats = rec.act_stats, {}
+        return loss, (unscaled, {wrapped: y_pred, "gradwatch_acts": acts}, non_trainable, metrics)
 
     def train_step(state: Any, data: Any) -> Any:
         taken: dict[str, Any] = {}
 
-        def update_metrics(metrics_variables: Any, unscaled_loss: Any, *a: Any, **k: Any) -> Any:
+        def update_metrics(metrics_variables: Any, unscaled_loss: Any, x: Any, y: Any, y_pred: Any, *a: Any,
+                           **k: Any) -> Any:
+            if isinstance(y_pred, dict) and wrapped in y_pred:
+                taken["acts"] = y_pred["gradwatch_acts"]
+                y_pred = y_pred[wrapped]
             taken["loss"] = unscaled_loss
-            return handover(metrics_variables, unscaled_loss, *a, **k)
+            return handover(metrics_variables, unscaled_loss, x, y, y_pred, *a, **k)
 
         model._update_metrics_variables = update_metrics
+        model.compute_loss_and_updates = loss_and_updates
         try:
             logs, new_state = original_step(state, data)
         finally:
             del model._update_metrics_variables
+            del model.compute_loss_and_updates
         if "loss" not in taken or not rec.active:
             return logs, new_state
         trainable, non_trainable, optimizer_vars, metrics = new_state
         optimizer_vars = list(optimizer_vars)
-        row = (optimizer_vars[iter_i] - 1) % rec.rows
-        loss = jnp.reshape(jnp.asarray(taken["loss"], jnp.float32), ())
         ring = optimizer_vars[ring_i]
-        r = row.astype(jnp.int32)
+        r = ((optimizer_vars[iter_i] - 1) % rec.rows).astype(jnp.int32)
+        loss = jnp.reshape(jnp.asarray(taken["loss"], jnp.float32), ())
         ring = jax.lax.dynamic_update_slice(ring, loss.reshape(1, 1), (r, jnp.int32(LOSS)))
-        optimizer_vars[ring_i] = jax.lax.dynamic_update_slice(ring, jnp.ones((1, 1), jnp.float32), (r, jnp.int32(LOSS_GIVEN)))
+        ring = jax.lax.dynamic_update_slice(ring, jnp.ones((1, 1), jnp.float32), (r, jnp.int32(LOSS_GIVEN)))
+        acts = {int(i): a for i, a in taken.get("acts", {}).items()}
+        if acts:
+            start = rec.maker.layout.columns("a_dead").start
+            block = rec.maker.activation_blocks(acts)
+            ring = jax.lax.dynamic_update_slice(ring, block[None, :], (r, jnp.int32(start)))
+        optimizer_vars[ring_i] = ring
         return logs, (trainable, non_trainable, optimizer_vars, metrics)
 
     model.train_step = train_step

@@ -20,7 +20,7 @@ import keras
 import torch
 
 from .errors import GradwatchError
-from .keras import effective_activations, layer_infos, loss_name, own_activation
+from .keras import layer_infos, loss_name, tap_layers
 from .probe.torch import TapTarget, global_norm
 from .store import LayerInfo
 from .watch import Watch, claim, release
@@ -68,23 +68,12 @@ def layer_table(model: Any, variables: list[Any]) -> tuple[list[LayerInfo], list
 
 
 def tap_targets(model: Any, variables: list[Any]) -> list[TapTarget]:
-    """The Keras layers whose outputs the activation tap reads: every layer with a watched kernel
-    and units or filters (Dense, Conv). Their output is after their own activation when they have
-    one (read in the activation's output space), else the pre-activation of the layer after them."""
-    from .keras import all_layers
-
-    index = {id(v): i for i, v in enumerate(variables)}
-    acts = effective_activations(model)
+    """The layers :func:`gradwatch.keras.tap_layers` names, as the PyTorch tap's targets."""
     targets = []
-    for layer in all_layers(model):
-        kernel = getattr(layer, "kernel", None)
-        if kernel is None or id(kernel) not in index or not isinstance(layer, torch.nn.Module):
-            continue
-        if not (hasattr(layer, "units") or hasattr(layer, "filters")):
-            continue
-        own = own_activation(layer)
-        axis = 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
-        targets.append(TapTarget(layer, index[id(kernel)], acts.get(id(layer)), "post" if own else "pre", axis))
+    for layer, i, activation, space in tap_layers(model, variables):
+        if isinstance(layer, torch.nn.Module):
+            axis = 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
+            targets.append(TapTarget(layer, i, activation, space, axis))
     return targets
 
 

@@ -155,14 +155,22 @@ def _nnx_owners(variables: list[Any], model: Any) -> tuple[dict[int, str], dict[
     return owner, best
 
 
+def _natural(key: Any) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(key))]
+
+
 def _container_order(tree: Any) -> dict[str, int]:
     """Names of the leaves of ``tree`` (and of the nodes below mappings and sequences) in the
-    containers' own order — a dict's insertion order, where ``jax.tree`` sorts the keys."""
+    containers' own order: a dict's insertion order (where ``jax.tree`` sorts the keys), or, for a
+    dict whose keys are already sorted, their natural order (``Dense_2`` before ``Dense_10``)."""
     order: dict[str, int] = {}
 
     def walk(node: Any, name: str) -> None:
         if isinstance(node, collections.abc.Mapping):
-            for k in node.keys():
+            keys = list(node.keys())
+            if keys == sorted(keys, key=str):  # sorted, as jax rebuilds dicts: Dense_2 before Dense_10
+                keys.sort(key=_natural)
+            for k in keys:
                 walk(node[k], f"{name}/{k}" if name else str(k))
         elif isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
             for i, v in enumerate(node):
@@ -234,8 +242,12 @@ def _layer_table(params: Any, activations: dict[str, str | None], model: Any) ->
 # ----------------------------------------------------------------------------- the recorder
 
 
-def _is_tracer(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
+def _eager(*trees: Any) -> bool:
+    """Whether an update is called outside any jax transformation, with arrays alone (then it can
+    be jitted as a whole)."""
+    leaves = jax.tree_util.tree_leaves(trees)
+    return all(isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool)) for x in leaves) and \
+        not any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
 def _value(x: Any) -> Any:
@@ -286,6 +298,7 @@ class _Recorder:
         self._run = 0
         self._run_start = -1
         self._stop: GuardStop | None = None
+        self._jitted: Any = None
 
     # -- init (outside jit, or traced) ---------------------------------------------------------
 
@@ -341,6 +354,16 @@ class _Recorder:
     # -- update (inside the step) ----------------------------------------------------------------
 
     def update(self, grads: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, WatchState]:
+        if _eager(grads, state, params, extra):
+            # Called outside jit: run it jitted (op by op, the sampled branch would compile at every call).
+            if self._jitted is None:
+                self._jitted = jax.jit(self._update)
+            updates, new = self._jitted(grads, state, params, **extra)
+            self._latest = new  # the host may read this state without tx.step
+            return updates, new
+        return self._update(grads, state, params, **extra)
+
+    def _update(self, grads: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, WatchState]:
         if self.table is None or self.maker is None:
             raise GradwatchError("tx.update was called before tx.init; call state = tx.init(params) first.")
         if not isinstance(state, WatchState):
@@ -378,10 +401,8 @@ class _Recorder:
         k = state.sampled % hist_rows
         hist_ring = jax.lax.cond(sampled, lambda h: jax.lax.dynamic_update_slice(h, hist[None], (k, 0, 0)),
                                  lambda h: h, state.hist)
-        new = WatchState(inner, optax.safe_increment(count), ring, hist_ring, state.sampled + sampled.astype(jnp.int32))
-        if not _is_tracer(new.count):
-            self._latest = new  # an eager update: the host may read this state without tx.step
-        return updates, new
+        return updates, WatchState(inner, optax.safe_increment(count), ring, hist_ring,
+                                   state.sampled + sampled.astype(jnp.int32))
 
     def _leaves(self, tree: Any, what: str) -> list[Any]:
         assert self.table is not None
@@ -466,7 +487,8 @@ class _Recorder:
         if losses and all(isinstance(x, jax.Array) and x.size == 1 for x in losses):
             stacked = jnp.stack([jnp.reshape(x, ()) for x in losses])
         parts = (ws.ring, ws.hist, ws.count, ws.sampled, counters, stacked)
-        ring, hist, count, sampled, counts, loss_values = jax.device_get(jax.tree.map(_value, parts))
+        parts = jax.tree.map(_value, parts, is_leaf=lambda x: callable(getattr(x, "get_value", None)))
+        ring, hist, count, sampled, counts, loss_values = jax.device_get(parts)
         self._counters = [(int(a), int(j)) for a, j in counts]
         loss_arr = np.asarray([np.asarray(x, np.float64).reshape(()) for x in loss_values] if isinstance(loss_values, list)
                               else np.asarray(loss_values, np.float64).reshape(-1), np.float64) if losses else None
@@ -591,6 +613,9 @@ def watch(tx: Any, out: Any = None, **options: Any) -> Watched:
     if not isinstance(tx, optax.GradientTransformation):
         raise GradwatchError(f"gwx.watch takes an optax transformation (optax.adam(1e-3), optax.chain(...)); "
                              f"got {type(tx).__name__}.")
+    if "guards" in options:
+        raise GradwatchError("gwx.watch takes no guards=; put gradwatch's optax guards into the chain itself: "
+                             "gwx.watch(optax.chain(gwx.zclip(), optax.adam(1e-3))).")
     unknown = sorted(set(options) - set(_SESSION_OPTIONS))
     if unknown:
         raise GradwatchError(f"unknown option {unknown[0]!r} for gradwatch.optax.watch; known: {', '.join(_SESSION_OPTIONS)}.")

@@ -86,6 +86,9 @@ def tf_ops() -> ArrayOps:
             return tf.zeros(shape, tf.float32)
 
         sum = staticmethod(tf.reduce_sum)
+        where = staticmethod(tf.where)
+        exp = staticmethod(tf.exp)
+        shape = staticmethod(tf.shape)
         min = staticmethod(tf.reduce_min)
         max = staticmethod(tf.reduce_max)
         sqrt = staticmethod(tf.sqrt)
@@ -144,7 +147,7 @@ class RowMaker:
         return xp.sqrt(xp.sum(xp.stack(present))) if present else self.ops.scalar(None)
 
     def row(self, sampled: Any, grads: Sequence[Any], weights: Sequence[Any] | None, deltas: Sequence[Any] | None,
-            slots: dict[int, Any], g_norm: Any = None) -> tuple[Any, Any]:
+            slots: dict[int, Any], g_norm: Any = None, acts: dict[int, Any] | None = None) -> tuple[Any, Any]:
         """(ring row of width ``layout.width``, histogram rows ``layers x EXP_BINS``), float32.
 
         Args:
@@ -155,6 +158,7 @@ class RowMaker:
             slots: step-slot index -> scalar (the loss, the lr, what a clipping did); the rest NaN
                 (a given loss also sets LOSS_GIVEN).
             g_norm: the per-layer norms if already computed (:meth:`grad_norms`).
+            acts: layer -> its units' (dead, saturated, constant) shares (:func:`unit_stats`).
         """
         ops, xp, L = self.ops, self.ops.xp, self.layers
         if g_norm is None:
@@ -170,8 +174,15 @@ class RowMaker:
             return xp.full((len(SAMPLED_BLOCKS) * L,), math.nan, dtype="float32"), xp.zeros((L, EXP_BINS), dtype="float32")
 
         rest, hist = ops.cond(sampled, full, empty)
-        tail = xp.full((len(ACTIVATION_BLOCKS) * L,), math.nan, dtype="float32")
-        return xp.concatenate([head, g_norm, rest, tail]), hist
+        return xp.concatenate([head, g_norm, rest, self.activation_blocks(acts or {})]), hist
+
+    def activation_blocks(self, acts: dict[int, Any]) -> Any:
+        """The ``a_dead``, ``a_sat`` and ``a_const`` blocks (3 x layers, NaN where a layer is not tapped)."""
+        nan = self.ops.scalar(None)
+        cols = []
+        for k in range(len(ACTIVATION_BLOCKS)):
+            cols.extend(acts[i][k] if i in acts else nan for i in range(self.layers))
+        return self.ops.xp.stack(cols)
 
     def _sampled_blocks(self, grads: Sequence[Any], weights: Sequence[Any] | None,
                         deltas: Sequence[Any] | None) -> tuple[Any, Any]:
@@ -216,3 +227,51 @@ class RowMaker:
         ops = self.ops
         bits = ops.bitcast_i32(ops.xp.reshape(ops.xp.abs(ops.f32(g)), (-1,)))
         return ops.bincount((bits // (1 << 23)) % EXP_BINS)
+
+
+#: Pre-activation |x| beyond which an activation is flat (see :mod:`gradwatch.probe.tap`).
+_PRE_SATURATION = {"Sigmoid": 4.595, "Hardsigmoid": 3.0, "Tanh": 2.647, "Hardtanh": 1.0, "Softsign": 99.0}
+#: The same points seen from the activation's output: (centre, half-width).
+_POST_BOUND = {"Sigmoid": (0.5, 0.49), "Hardsigmoid": (0.5, 0.49), "Tanh": (0.0, 0.99), "Softsign": (0.0, 0.99),
+               "Hardtanh": (0.0, 0.99)}
+
+
+def unit_stats(ops: ArrayOps, out: Any, activation: str | None, space: str, sampled: Any) -> Any:
+    """A layer output's (dead, saturated, constant) shares, as the PyTorch tap defines them (units on
+    the last axis): a unit is dead when its largest value over the batch is <= 0, constant when its
+    largest equals its smallest (NaN for a single row); the saturated share is of the values where
+    ``activation`` is flat, read before it (``space="pre"``) or after it (``"post"``); NaN where it
+    has no flat part. Computed on sampled steps only (``sampled``: traced or a Python bool)."""
+    xp = ops.xp
+
+    def compute() -> Any:
+        x = ops.f32(out)
+        units = int(x.shape[-1])
+        x2 = xp.reshape(x, (-1, units))
+        hi, lo = xp.max(x2, axis=0), xp.min(x2, axis=0)
+        dead = xp.mean(ops.f32(hi <= 0))
+        rows = x2.shape[0] if x2.shape[0] is not None else xp.shape(x2)[0]  # TensorFlow: maybe known at run time only
+        const = xp.mean(ops.f32(hi == lo))
+        nan = ops.scalar(None)
+        const = (const if rows > 1 else nan) if isinstance(rows, int) else xp.where(rows > 1, const, nan)
+        if activation == "Softmax":
+            top = xp.max(x if space == "post" else _softmax(xp, x), axis=-1)
+            sat = xp.mean(ops.f32(top > 0.99))
+        elif space == "pre" and activation in _PRE_SATURATION:
+            sat = xp.mean(ops.f32(xp.abs(x) > _PRE_SATURATION[activation]))
+        elif space == "post" and activation in _POST_BOUND:
+            c, h = _POST_BOUND[activation]
+            sat = xp.mean(ops.f32(xp.abs(x - c) > h))
+        else:
+            sat = ops.scalar(None)
+        return xp.stack([dead, sat, const])
+
+    def empty() -> Any:
+        return xp.full((3,), math.nan, dtype="float32")
+
+    return ops.cond(sampled, compute, empty)
+
+
+def _softmax(xp: Any, x: Any) -> Any:
+    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
+    return e / xp.sum(e, axis=-1, keepdims=True)
