@@ -208,6 +208,8 @@ def run_child(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
                     intervals = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
                     if r > 0:
                         rec["arms"][arm].append({"ms": intervals, "fit_s": wall})
+                    log(f"  round {r} {arm}: fit {wall:.1f} s, step 0 {intervals[0] / 1e3:.2f} s, "
+                        f"median {statistics.median(intervals[args.skip:]):.3f} ms")
                     del model
             out["models"][model_name] = rec
     if not gradwatch.__file__.startswith(str(REPO_ROOT / "src")):
