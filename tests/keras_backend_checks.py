@@ -49,10 +49,11 @@ def check_fit(out: Path) -> dict[str, Any]:
     """fit() with the callback: steps, fetches (one per flush), the loss per step, bit-identical weights."""
     x, y = data()
     plain = mlp("tanh", 3)
-    plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    # jit_compile=True: on TensorFlow the step (and gradwatch's ops in it) is compiled by XLA.
+    plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", jit_compile=True)
     plain.fit(x, y, epochs=3, batch_size=32, verbose=0, shuffle=False)
     watched = mlp("tanh", 3)
-    watched.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    watched.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", jit_compile=True)
     fetches = []
     from gradwatch.keras_compiled import Recorder
 

@@ -109,7 +109,8 @@ def tf_ops() -> ArrayOps:
         return tf.bitcast(x, tf.int32)
 
     def bincount(e: Any) -> Any:
-        return tf.cast(tf.math.bincount(e, minlength=EXP_BINS, maxlength=EXP_BINS), tf.float32)
+        # A segment sum, not tf.math.bincount: XLA (jit_compile=True) needs the bin count constant.
+        return tf.math.unsorted_segment_sum(tf.ones_like(e, tf.float32), e, EXP_BINS)
 
     def cond(p: Any, t: Callable[[], Any], f: Callable[[], Any]) -> Any:
         if isinstance(p, bool):  # eager TensorFlow: the host decided (no device read)
