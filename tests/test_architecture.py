@@ -19,7 +19,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("session", ("session", "shutdown", "finish")),
     ("framework side", ("frameworks", "objects", "amp", "probe", "guards", "torch_step", "torch_stream", "watch",
                         "treatment", "surgery", "runner", "global_hooks", "script_clips", "trainer_hooks", "keras",
-                        "keras_torch", "keras_compiled", "array_stream", "optax", "tf_loops",
+                        "keras_torch", "keras_compiled", "keras_sessions", "array_stream", "optax", "optax_guards",
+                        "optax_layers", "optax_book",
                         "lightning", "transformers", "testing", "scenarios", "doctor")),
     ("entry points", ("cli", "__main__", "__init__")),
 ]

@@ -136,7 +136,7 @@ class ArrayStream:
 
     def notes(self, rank: int) -> tuple[dict[str, Any], list[str]]:
         fields: dict[str, Any] = dict(self.extra)
-        lines: list[str] = []
+        lines: list[str] = list(self.extra.get("guard_summary", []))
         if self.lost:
             fields["lost_steps"] = self.lost
             lines.append(f"{self.lost} steps were overwritten on the device before a flush read them "

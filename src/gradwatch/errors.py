@@ -13,3 +13,8 @@ class GradwatchError(Exception):
 
 class RunDirError(GradwatchError):
     """A run directory that is missing, empty, truncated beyond repair, or not gradwatch's."""
+
+
+class GuardStop(GradwatchError):
+    """A guard gave up on purpose (e.g. every step non-finite): training cannot usefully go on. The
+    same class for PyTorch's guards and the optax ones."""

@@ -216,7 +216,7 @@ def watch(model: Any, optimizer: Any = None, out: str | os.PathLike[str] | None 
     if backend == "torch":
         from .keras_torch import LoopWatch
     elif backend in ("tensorflow", "jax"):
-        from .keras_compiled import LoopWatch  # type: ignore[assignment]
+        from .keras_sessions import LoopWatch  # type: ignore[assignment]
     else:
         raise GradwatchError(f"gradwatch records Keras on torch, tensorflow or jax; this Keras runs on {backend!r}.")
     return LoopWatch(model, optimizer, out, options)
@@ -258,7 +258,7 @@ class GradWatch(keras.callbacks.Callback):
         if keras.backend.backend() == "torch":
             from .keras_torch import start
         elif keras.backend.backend() in ("tensorflow", "jax"):
-            from .keras_compiled import start
+            from .keras_sessions import start
         else:
             raise GradwatchError(f"gradwatch records Keras on torch, tensorflow or jax; this Keras runs on "
                                  f"{keras.backend.backend()!r}.")

@@ -26,20 +26,21 @@ import math
 import numbers
 from typing import Any, NamedTuple, Sequence
 
-import jax
-import jax.numpy as jnp
-import optax
 
 from .errors import GradwatchError
+from .errors import GuardStop  # noqa: F401 - the same class as PyTorch's guards raise
+
+try:
+    import jax
+    import jax.numpy as jnp
+    import optax
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise GradwatchError("gradwatch.optax needs JAX and optax; install them with `pip install gradwatch[jax]`.") from None
 
 #: Added to the norm before dividing (as torch.nn.utils.clip_grad_norm_ does; gradwatch.guards too).
 NORM_EPS = 1e-6
 #: Module names AGC leaves alone by default: the usual names of output layers (as gradwatch.guards.AGC).
 HEAD_NAMES = ("head", "classifier", "lm_head", "fc", "logits", "output", "out")
-
-
-class GuardStop(GradwatchError):
-    """A guard gave up on purpose (e.g. every step non-finite): training cannot usefully go on."""
 
 
 def path_name(path: Sequence[Any]) -> str:
@@ -285,7 +286,7 @@ def agc(clipping: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] | None
     if exclude is not None and (not isinstance(exclude, (list, tuple, set)) or not all(isinstance(e, str) for e in exclude)):
         raise GradwatchError(f"agc(exclude) takes module names (strings), e.g. exclude=['head']; got {exclude!r}.")
     skip = tuple(exclude) if exclude is not None else HEAD_NAMES
-    settings = (("clipping", clipping), ("eps", eps), ("exclude", list(skip)))
+    settings = (("clipping", clipping), ("eps", eps), ("exclude", skip))  # static pytree data: hashable
 
     def init(params: Any) -> GuardState:
         matched = any(_excluded(n, skip) for n in _names(params))

@@ -87,7 +87,7 @@ class KerasHooks:
       variables;
     * tensorflow and jax backends: ``apply`` runs traced, so each ``fit`` gets a callback and a
       TensorFlow custom loop's optimizer is recorded from its first ``apply`` on
-      (:class:`gradwatch.keras_compiled.RunnerHooks`, into a run of their own in the same directory).
+      (:class:`gradwatch.keras_sessions.RunnerHooks`, into a run of their own in the same directory).
 
     An optimizer that a ``gradwatch.keras.GradWatch`` callback of the script's own records is left to it."""
 
@@ -116,7 +116,7 @@ class KerasHooks:
 
     def _compiled_hooks(self) -> Any:
         if self.compiled is None:
-            from .keras_compiled import RunnerHooks
+            from .keras_sessions import RunnerHooks
 
             self.compiled = RunnerHooks(self._watch, self._max_steps, self._others, self._stop)
         return self.compiled

@@ -31,13 +31,10 @@ import torch
 from torch import nn
 
 from ..errors import GradwatchError
+from ..errors import GuardStop  # noqa: F401 - raised by the guards, caught by the runner
 from ..probe.kernels import by_device_dtype
 from ..probe.torch import StepInputs, per_tensor_norms
 from ..store import Chunk, LayerInfo
-
-
-class GuardStop(GradwatchError):
-    """A guard gave up on purpose (e.g. every step non-finite): training cannot usefully go on."""
 
 
 @dataclass

@@ -148,7 +148,8 @@ class RowMaker:
         return xp.sqrt(xp.sum(xp.stack(present))) if present else self.ops.scalar(None)
 
     def row(self, sampled: Any, grads: Sequence[Any], weights: Sequence[Any] | None, deltas: Sequence[Any] | None,
-            slots: dict[int, Any], g_norm: Any = None, acts: dict[int, Any] | None = None) -> tuple[Any, Any]:
+            slots: dict[int, Any], g_norm: Any = None, acts: dict[int, Any] | None = None,
+            dw_norm: Sequence[Any] | None = None) -> tuple[Any, Any]:
         """(ring row of width ``layout.width``, histogram rows ``layers x EXP_BINS``), float32.
 
         Args:
@@ -160,6 +161,9 @@ class RowMaker:
                 (a given loss also sets LOSS_GIVEN).
             g_norm: the per-layer norms if already computed (:meth:`grad_norms`).
             acts: layer -> its units' (dead, saturated, constant) shares (:func:`unit_stats`).
+            dw_norm: each layer's ``‖Δw‖₂`` already reduced by the caller, every step (then ``deltas``
+                is not read). An operand of the sampled ``cond`` must be materialised, which can change
+                how XLA fuses the caller's own update: a norm outside the cond keeps it bit-identical.
         """
         ops, xp, L = self.ops, self.ops.xp, self.layers
         if g_norm is None:
@@ -169,7 +173,7 @@ class RowMaker:
         head = xp.stack([ops.scalar(slots.get(i)) for i in range(STEP_SLOTS)])
 
         def full() -> tuple[Any, Any]:
-            return self._sampled_blocks(grads, weights, deltas)
+            return self._sampled_blocks(grads, weights, deltas, dw_norm)
 
         def empty() -> tuple[Any, Any]:
             return xp.full((len(SAMPLED_BLOCKS) * L,), math.nan, dtype="float32"), xp.zeros((L, EXP_BINS), dtype="float32")
@@ -186,7 +190,7 @@ class RowMaker:
         return self.ops.xp.stack(cols)
 
     def _sampled_blocks(self, grads: Sequence[Any], weights: Sequence[Any] | None,
-                        deltas: Sequence[Any] | None) -> tuple[Any, Any]:
+                        deltas: Sequence[Any] | None, dw_norms: Sequence[Any] | None = None) -> tuple[Any, Any]:
         ops, xp, f32 = self.ops, self.ops.xp, self.ops.f32
         nan = ops.scalar(None)
         L = self.layers
@@ -214,12 +218,15 @@ class RowMaker:
             g_max.append(xp.max(f32(g)) if g is not None else nan)
             hists.append(self._exponent_hist(g) if g is not None else zeros)
         w_norm, w_sum, w_cnorm, dw_norm = [], [], [], []
-        for w, d in zip(weights, deltas):
+        for k, (w, d) in enumerate(zip(weights, deltas)):
             w_norm.append(xp.sqrt(xp.sum(xp.square(f32(w)))) if w is not None else nan)
             s, c = moments(w)
             w_sum.append(s)
             w_cnorm.append(c)
-            dw_norm.append(xp.sqrt(xp.sum(xp.square(f32(d)))) if d is not None else nan)
+            if dw_norms is not None:
+                dw_norm.append(dw_norms[k] if dw_norms[k] is not None else nan)
+            else:
+                dw_norm.append(xp.sqrt(xp.sum(xp.square(f32(d)))) if d is not None else nan)
         blocks = [g_sum, g_cnorm, g_min, g_max, w_norm, w_sum, w_cnorm, dw_norm]
         return xp.concatenate([xp.stack(b) for b in blocks]), xp.stack(hists)
 
