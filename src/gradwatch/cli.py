@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--full", action="store_true", help="the seeds' own epochs and complete grids (minutes to hours)")
     demo.add_argument("--epochs", type=_positive_int, default=None, help="epochs for every scenario (overrides the defaults)")
     demo.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    demo.add_argument("--backend", choices=("torch", "tensorflow", "jax"), default="torch",
+                      help="torch (default): the PyTorch scenarios; tensorflow or jax: seeds 000, 001 and 004 also as "
+                           "Keras 3 programs on that backend, each table beside the PyTorch one")
     return parser
 
 
@@ -315,6 +318,8 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     if ns.list:
         list_scenarios(Console(highlight=False))
         return 0
+    if ns.backend != "torch":
+        return _cmd_demo_backend(ns)
     out = Path(ns.out) if ns.out else default_out("demo")
     if out.exists() and not out.is_dir():
         raise GradwatchError(f"{out} exists and is not a directory; give --out a directory for the runs.")
@@ -336,6 +341,33 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
         _err.print(f"Report: [bold]{write_report(base.out)}[/bold]  (open it in a browser)")
     checks = [ok for sc, res in done for _, ok in check(sc, res)]
     _err.print(f"Seed results reproduced: {sum(checks)} of {len(checks)}. Runs: [bold]{out}[/bold]")
+    return 0
+
+
+def _cmd_demo_backend(ns: argparse.Namespace) -> int:
+    """``gradwatch demo --backend tensorflow|jax``: the Keras programs of seeds 000, 001, 004 beside PyTorch's."""
+    from .scenarios import keras_seeds
+    from .scenarios.demo import FRAMEWORK_NAMES, run_backend_demo
+    from .session import default_out
+
+    problem = keras_seeds.backend_error(ns.backend)
+    if problem is not None:
+        raise GradwatchError(problem)
+    keras_seeds.check_names(ns.scenarios)
+    out = Path(ns.out) if ns.out else default_out(f"demo-{ns.backend}")
+    if out.exists() and not out.is_dir():
+        raise GradwatchError(f"{out} exists and is not a directory; give --out a directory for the runs.")
+    _err.print(
+        f"[bold]gradwatch demo --backend {ns.backend}[/bold]: seeds 000, 001 and 004 written as the seeds write them, "
+        f"in {FRAMEWORK_NAMES[ns.backend]} under gradwatch.keras.GradWatch, and in PyTorch; each seed's two tables side "
+        "by side and whether both reach the same conclusions"
+        + (" (the seeds' full budgets)." if ns.full else " (short budgets; --full for the seeds' own).")
+    )
+    opts = {"flush_every": ns.flush_every, "sample_every": ns.sample_every}
+    done = run_backend_demo(ns.backend, ns.scenarios, out, full=ns.full, epochs=ns.epochs, console=_err, **opts)
+    same = sum(c.same_conclusions for c in done)
+    _err.print(f"\nSame conclusions on PyTorch and {FRAMEWORK_NAMES[ns.backend]}: {same} of {len(done)} seeds. "
+               f"Runs: [bold]{out}[/bold]")
     return 0
 
 

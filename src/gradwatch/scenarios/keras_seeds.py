@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -314,10 +314,16 @@ def slug(label: str) -> str:
     return s.strip("-")
 
 
+def selected(scenario_name: str, label: str, only: Sequence[str]) -> bool:
+    """Whether ``only`` names this variant: by its label, or as ``scenario/label``."""
+    return label in only or f"{scenario_name}/{label}" in only
+
+
 def variants_of(scenario: KerasScenario, full: bool, only: Sequence[str] | None = None) -> list[KerasVariant]:
-    """The variants a run trains: the quick ones (all with ``full``), or those labelled in ``only``."""
+    """The variants a run trains: the quick ones (all with ``full``), or those ``only`` names
+    (``label`` or ``scenario/label``)."""
     if only:
-        return [v for v in scenario.variants if v.label in only]
+        return [v for v in scenario.variants if selected(scenario.name, v.label, only)]
     return [v for v in scenario.variants if full or not v.full_only]
 
 
@@ -392,6 +398,21 @@ def results_from_json(data: dict[str, Any]) -> dict[str, list[VariantResult]]:
     return {s["name"]: [VariantResult(**r) for r in s["results"]] for s in data["scenarios"]}
 
 
+def backend_error(backend: str) -> str | None:
+    """Why Keras on ``backend`` cannot run here (one sentence), or None; imports nothing."""
+    import importlib.util
+
+    if backend not in BACKENDS:
+        return f"the Keras scenarios run on {' or '.join(BACKENDS)}, not {backend!r}."
+    needed = {"tensorflow": ("tensorflow", "keras"), "jax": ("jax", "jaxlib", "keras")}[backend]
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        name = {"tensorflow": "TensorFlow", "jax": "JAX"}[backend]
+        return (f"Keras on {backend} needs {name} and Keras 3, and this Python lacks {', '.join(missing)}; "
+                f"install them with `pip install {EXTRAS[backend]}`.")
+    return None
+
+
 def _set_backend(backend: str) -> None:
     """Make this process's Keras run ``backend`` (before its first ``import keras``)."""
     if "keras" in sys.modules:
@@ -400,12 +421,9 @@ def _set_backend(backend: str) -> None:
             raise GradwatchError(f"Keras is already imported here on {current!r}; run the {backend} scenarios in a "
                                  f"new process (KERAS_BACKEND={backend}).")
         return
-    import importlib.util
-
-    module = "jax" if backend == "jax" else "tensorflow"
-    if importlib.util.find_spec(module) is None or importlib.util.find_spec("keras") is None:
-        raise GradwatchError(f"Keras on {backend} needs {module} and keras, which this Python cannot import; "
-                             f"install them with `pip install {EXTRAS[backend]}`.")
+    problem = backend_error(backend)
+    if problem is not None:
+        raise GradwatchError(problem)
     os.environ["KERAS_BACKEND"] = backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -421,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="the seeds' own epochs, every variant")
     ap.add_argument("--epochs", type=int, default=None, help="epochs for every scenario")
     ap.add_argument("--seed", type=int, default=0, help="keras.utils.set_random_seed before each model (default 0)")
-    ap.add_argument("--variant", action="append", metavar="LABEL", help="run only this variant (repeatable)")
+    ap.add_argument("--variant", action="append", metavar="LABEL",
+                    help="run only this variant, by label or SCENARIO/LABEL (repeatable)")
     ap.add_argument("--flush-every", type=int, default=50, metavar="N")
     ap.add_argument("--sample-every", type=int, default=50, metavar="N")
     ns = ap.parse_args(argv)
