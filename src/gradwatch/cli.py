@@ -2,7 +2,7 @@
 
     gradwatch run [options] SCRIPT [ARGS...]   run a training script with every optimizer watched
     gradwatch run [options] -m MODULE [ARGS...]
-    gradwatch demo [--out DIR]                  the built-in default run (seed 000's sigmoid MLP)
+    gradwatch demo [--out DIR] [--backend torch|tensorflow|jax]   the seeds: train, diagnose, fix, report
 
 Errors in what the user gave (a missing script, a bad option value, a broken run directory) are
 one sentence on stderr and exit code 2, never a traceback.
