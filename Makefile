@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/gradwatch demo
 
+# Two workers, a test file each at a time (CI has two cores; much of the suite waits on child processes).
 test: $(STAMP)
 	$(VENV)/bin/ruff check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The unit tests alone (rules, derivation, store, probe, guards): about a minute.
 test-fast: $(STAMP)

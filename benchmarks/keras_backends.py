@@ -5,10 +5,10 @@ For each backend (one child process per backend: KERAS_BACKEND must be set befor
 keras``) and each model, fits with and without ``gradwatch.keras.GradWatch`` take turns, in one
 process, and the table gives the step time of each and their ratio:
 
-    .venv/bin/python benchmarks/keras_backends.py                      # all backends, ~10 min on 2 cores
-    .venv/bin/python benchmarks/keras_backends.py --backend jax        # one backend
-    .venv/bin/python benchmarks/keras_backends.py --quick              # smoke run, numbers meaningless
-    .venv/bin/python benchmarks/keras_backends.py --variants           # also the rows that say where the time goes
+    .venv/bin/python benchmarks/keras_backends.py                 # all backends, ~6 min on 2 cores
+    .venv/bin/python benchmarks/keras_backends.py --backend jax   # one backend
+    .venv/bin/python benchmarks/keras_backends.py --quick         # smoke run (~1.5 min), numbers meaningless
+    .venv/bin/python benchmarks/keras_backends.py --variants --rounds 2   # + where the time goes, ~10 min
 
 Models (Keras versions of the shapes in src/gradwatch/scenarios/seeds.py and regression.py, plus a
 deeper one):
@@ -28,8 +28,13 @@ Method of measurement:
 * Every fit gets a fresh model built from the same seed (identical weights) and a fresh optimizer,
   and runs one epoch of ``--steps`` batches (the data is tiled to that length; ``shuffle=False``).
   A fresh model is needed: GradWatch changes the optimizer (its ring variables) and, on JAX,
-  rebuilds the train function, so reusing a model would time a different program. The first
-  fit of each arm is a warm-up and is not counted.
+  rebuilds the train function, so reusing a model would time a different program. Each arm's
+  first fit (60 steps) is a warm-up and is not counted. After every watched fit the run it wrote
+  is read back and checked (one row per step, finite, non-zero gradient norms).
+* One intra-op thread per backend by default (``--threads``): on a 2-core machine that other
+  processes share, two-thread OpenMP/Eigen kernels wait at barriers for a descheduled partner and
+  a step gets up to 10x slower and erratic (seen with torch here). The CPU time other processes
+  used meanwhile is measured and printed per model.
 * The arms of one model take turns in rounds (ABAB..., the order reversed every other round), so
   machine drift hits all of them alike; every figure is the median over rounds, and each ratio is
   the median over rounds of the ratio within a round.
@@ -38,7 +43,10 @@ Method of measurement:
   Keras 3 runs the batch-end callbacks in a background thread (without waiting for the step's
   logs) unless some callback implements ``on_train_batch_end``, and a timing callback that did
   would change the unwatched arm. ``on_epoch_end`` comes after Keras has waited for every step's
-  logs, so the last interval contains the drain of any work still queued.
+  logs, so the last interval contains the drain of any work still queued. On JAX, whose steps are
+  dispatched asynchronously, the timer waits once for the device at the first steady step, so the
+  steady window starts with nothing queued (TensorFlow and torch on CPU return from a step when it
+  has run).
 * A step's time is the interval from its batch begin to the next one (the last: to the epoch's
   end). It includes the batch-end callbacks of that step: gradwatch's host side, and its flush on
   every 50th step.
@@ -46,8 +54,11 @@ Method of measurement:
   steps 0-9 and every 10th up to step 99, then every 50th; with 600 steps the steady window holds
   exactly 10 sampled steps and 10 flushes in 500 steps. "median" is the median step time there
   (an ordinary step); "mean" is the wall time of the window over its steps (sampled steps, flushes
-  and any queued work included). The first ``--skip`` steps are also timed (step 0, which
-  compiles, left out) and reported as a mean.
+  and any queued work included): the throughput, the figure to trust. Where the unwatched arm
+  runs Keras' batch-end callbacks asynchronously (JAX) and the host is ahead of the device, its
+  median is the host's time per step, not the device's. The first ``--skip`` steps are also timed
+  (step 0, which compiles, left out) and reported as a mean; step 0 (trace and compile) is in the
+  --variants table.
 """
 
 from __future__ import annotations
@@ -76,8 +87,8 @@ MAIN_ARMS = {
 }
 VARIANT_ARMS = {
     "unwatched + no-op on_train_batch_end": (None, True),
-    "gradwatch, norms only (sample_every=10**9)": ({"sample_every": 10**9}, False),
-    "gradwatch, norms only, flush_every=500": ({"sample_every": 10**9, "flush_every": 500}, False),
+    "gradwatch, norms only (sample_every=10**5)": ({"sample_every": 10**5}, False),
+    "gradwatch, norms only, flush_every=500": ({"sample_every": 10**5, "flush_every": 500}, False),
 }
 
 
@@ -146,6 +157,47 @@ def model_spec(name: str, keras, np, steps: int):  # type: ignore[no-untyped-def
     return seeded_build, x, y, batch, desc
 
 
+class ForeignCpu:
+    """Share of the machine's CPU used by processes outside this one (and its children) since
+    construction (Linux; None elsewhere): above a few percent, the rows it covers are contaminated."""
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._wall0, self._start = time.perf_counter(), self._sample()
+
+    def _sample(self) -> tuple[float, float] | None:
+        try:
+            busy = sum(int(f) for i, f in enumerate(Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+                       if i != 3 and i != 4)  # all but idle and iowait
+            own = os.times()
+            return busy / self._tick, own.user + own.system + own.children_user + own.children_system
+        except (OSError, ValueError):
+            return None
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        foreign = (end[0] - self._start[0]) - (end[1] - self._start[1])
+        return max(foreign, 0.0) / ((time.perf_counter() - self._wall0) * (os.cpu_count() or 1))
+
+
+def set_threads(backend: str, threads: int) -> None:
+    """Intra-op threads of the backend (0: its default). Call before the backend runs an op."""
+    if not threads:
+        return
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    elif backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    # jax: XLA_FLAGS, set by the parent before the process starts (see child_env)
+
+
 def run_child(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     backend = args.child
     os.environ["KERAS_BACKEND"] = backend
@@ -153,18 +205,37 @@ def run_child(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     import numpy as np
 
     assert keras.backend.backend() == backend, keras.backend.backend()
+    set_threads(backend, args.threads)
     sys.path.insert(0, str(REPO_ROOT / "src"))
     import gradwatch
     from gradwatch.keras import GradWatch
+    from gradwatch.store import load_run
+
+    if backend == "jax":
+        import jax
+
+        def wait_for_device(model) -> None:  # type: ignore[no-untyped-def]
+            # fit() keeps the live state in model._jax_state between steps; its arrays are ready
+            # once every step dispatched so far has run.
+            jax.block_until_ready(getattr(model, "_jax_state", None))
+    else:
+        def wait_for_device(model) -> None:  # type: ignore[no-untyped-def]
+            pass  # TensorFlow and torch on CPU return from a step when it has run
 
     class Timer(keras.callbacks.Callback):
         """Batch-begin times and the epoch's end; no on_train_batch_end (see the module docstring)."""
+
+        def __init__(self, sync_at: int):
+            super().__init__()
+            self.sync_at = sync_at
 
         def on_train_begin(self, logs=None):  # type: ignore[no-untyped-def]
             self.begins: list[float] = []
             self.end = None
 
         def on_train_batch_begin(self, batch, logs=None):  # type: ignore[no-untyped-def]
+            if batch == self.sync_at:  # the steady window starts with no step still queued
+                wait_for_device(self.model)
             self.begins.append(time.perf_counter())
 
         def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
@@ -181,36 +252,47 @@ def run_child(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
         arms.update(VARIANT_ARMS)
     out: dict = {"backend": backend, "versions": versions(backend), "models": {}}  # type: ignore[type-arg]
     with tempfile.TemporaryDirectory(prefix="gradwatch-keras-bench-") as tmp:
+
+        def fit(build, x, y, batch, arm: str, run: str, steps: int):  # type: ignore[no-untyped-def]
+            """One fit of ``arm`` on a fresh model: the ms of each step, the fit's wall seconds."""
+            options, batch_end = arms[arm]
+            model = build()
+            timer = Timer(sync_at=args.skip)
+            cbs = [timer] + ([BatchEnd()] if batch_end else [])
+            if options is not None:
+                cbs.append(GradWatch(Path(tmp) / run, overwrite=True, quiet=True, report=False, **options))
+            t0 = time.perf_counter()
+            model.fit(x[: steps * batch], y[: steps * batch], batch_size=batch, epochs=1, shuffle=False, verbose=0,
+                      callbacks=cbs)
+            wall = time.perf_counter() - t0
+            times = timer.begins + [timer.end]
+            if len(times) != steps + 1 or timer.end is None:
+                raise SystemExit(f"{run}: expected {steps} timed steps, got {len(times) - 1}")
+            if options is not None:  # the watched fit recorded what it should have
+                norms = load_run(Path(tmp) / run).layer_series("grad_norm")
+                if len(norms) != steps or not np.isfinite(norms).all() or not (norms[-1] > 0).any():
+                    raise SystemExit(f"{run}: the record is wrong ({len(norms)} steps, last norms {norms[-1]})")
+            return [(b - a) * 1e3 for a, b in zip(times, times[1:])], wall, int(model.count_params())
+
         for model_name in args.models:
             build, x, y, batch, desc = model_spec(model_name, keras, np, args.steps)
             log(f"[{backend}] {model_name}: {desc}, batch {batch}, {args.steps} steps per fit")
+            meter = ForeignCpu()
             rec: dict = {"desc": desc, "batch": batch, "params": None, "arms": {a: [] for a in arms}}  # type: ignore[type-arg]
             names = list(arms)
-            for r in range(args.rounds + 1):  # round 0: warm-up, not counted
+            if not args.quick:  # warm-up: one short fit per arm (first-call costs of the process), not counted
+                for arm in names:
+                    fit(build, x, y, batch, arm, f"{model_name}-warmup-{names.index(arm)}", min(args.steps, 60))
+            for r in range(args.rounds):
                 order = names if r % 2 == 0 else names[::-1]
                 for arm in order:
-                    options, batch_end = arms[arm]
-                    model = build()
-                    rec["params"] = int(model.count_params())
-                    timer = Timer()
-                    cbs = [timer]
-                    if batch_end:
-                        cbs.append(BatchEnd())
-                    if options is not None:
-                        cbs.append(GradWatch(Path(tmp) / f"{model_name}-{r}-{arm[:9]}", overwrite=True, quiet=True,
-                                             report=False, **options))
-                    t0 = time.perf_counter()
-                    model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=cbs)
-                    wall = time.perf_counter() - t0
-                    times = timer.begins + [timer.end]
-                    if len(times) != args.steps + 1:
-                        raise SystemExit(f"{model_name}/{arm}: expected {args.steps} steps, timed {len(times) - 1}")
-                    intervals = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
-                    if r > 0:
-                        rec["arms"][arm].append({"ms": intervals, "fit_s": wall})
-                    log(f"  round {r} {arm}: fit {wall:.1f} s, step 0 {intervals[0] / 1e3:.2f} s, "
-                        f"median {statistics.median(intervals[args.skip:]):.3f} ms")
-                    del model
+                    ms, wall, rec["params"] = fit(build, x, y, batch, arm, f"{model_name}-{r}-{names.index(arm)}",
+                                                  args.steps)
+                    rec["arms"][arm].append({"ms": ms, "fit_s": wall})
+                    log(f"  round {r + 1} {arm}: fit {wall:.1f} s, step 0 {ms[0] / 1e3:.2f} s, "
+                        f"steady median {statistics.median(ms[args.skip:]):.3f} ms, "
+                        f"mean {statistics.fmean(ms[args.skip:]):.3f} ms")
+            rec["foreign_cpu"] = meter.share()
             out["models"][model_name] = rec
     if not gradwatch.__file__.startswith(str(REPO_ROOT / "src")):
         log(f"note: timed the installed gradwatch at {gradwatch.__file__}")
@@ -280,17 +362,50 @@ def md_table(headers: list[str], rows: list[list[str]], numeric_from: int) -> st
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
-def report(results: list[dict], args: argparse.Namespace, wall: float) -> str:  # type: ignore[type-arg]
+def phases(fit: dict, skip: int) -> dict[str, float]:  # type: ignore[type-arg]
+    """Median ms, over the steady steps of one fit, of: ordinary steps; steps 50k (sampled by
+    gradwatch; on torch also where its flush runs); steps 50k-1 (on TensorFlow and JAX their interval
+    ends with gradwatch's flush, run in on_train_batch_end)."""
+    ms = fit["ms"]
+    idx = range(skip, len(ms))
+    return {
+        "ordinary": statistics.median(ms[i] for i in idx if i % 50 not in (0, 49)),
+        "at_50k": statistics.median(ms[i] for i in idx if i % 50 == 0),
+        "at_50k_1": statistics.median(ms[i] for i in idx if i % 50 == 49),
+    }
+
+
+def phase_rows(results: list[dict], skip: int) -> list[list[str]]:  # type: ignore[type-arg]
+    rows = []
+    for res in results:
+        for name, rec in res["models"].items():
+            u = [phases(f, skip) for f in rec["arms"]["unwatched"]]
+            w = [phases(f, skip) for f in rec["arms"]["gradwatch"]]
+            med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+            extra = lambda k: statistics.median(x[k] - x["ordinary"] for x in w)  # noqa: E731
+            rows.append([res["backend"], name, f"{med(u, 'ordinary'):.3f}", f"{med(w, 'ordinary'):.3f}",
+                         f"{extra('at_50k'):+.2f}", f"{extra('at_50k_1'):+.2f}"])
+    return rows
+
+
+def report(results: list[dict], args: argparse.Namespace, wall: float,  # type: ignore[type-arg]
+           command: list[str] | None = None) -> str:
     skip, steps = args.skip, args.steps
     lines = [
-        f"- command: {shlex.join(sys.orig_argv)}",
+        f"- command: {shlex.join(command or sys.orig_argv)}",
         f"- cpu: {cpu_model()} ({os.cpu_count()} logical cores); python {platform.python_version()}, "
         f"{platform.platform()}",
     ]
     for res in results:
         lines.append(f"- {res['backend']}: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
+        shares = [(m, rec.get("foreign_cpu")) for m, rec in res["models"].items()]
+        if all(v is not None for _, v in shares):
+            lines.append("  CPU used by other processes meanwhile (share of the machine): "
+                         + ", ".join(f"{m} {v:.0%}" for m, v in shares))
     lines += [
-        f"- {args.rounds} rounds (+1 warm-up) x {steps} steps per fit per arm; steady state = steps {skip}-{steps - 1}; "
+        f"- intra-op threads per backend: {args.threads or 'framework defaults'}",
+        f"- {args.rounds} rounds x {steps} steps per fit per arm"
+        f"{'' if args.quick else ' (after one warm-up fit per arm)'}; steady state = steps {skip}-{steps - 1}; "
         "median/mean over those steps per fit, then the median over rounds; ratios: median over rounds of "
         "the within-round ratio",
         f"- wall time: {wall:.0f} s",
@@ -322,6 +437,11 @@ def report(results: list[dict], args: argparse.Namespace, wall: float) -> str:  
                                   f"({s['ratio_mean_lo']:.2f}-{s['ratio_mean_hi']:.2f})", f"{s['step0'] / 1e3:.2f}"])
         lines.append(md_table(["backend", "model", "arm", "median ms", "mean ms", "ratio (median)", "ratio (mean)",
                                "step 0 s (compile)"], vrows, numeric_from=3))
+        lines += ["", "Steady steps by kind (median ms over the steps of a fit, then over rounds; extra = gradwatch's "
+                      "step minus its ordinary step):", ""]
+        lines.append(md_table(["backend", "model", "ordinary, unwatched", "ordinary, gradwatch",
+                               "extra at step 50k (sampled; torch: + flush)", "extra at step 50k-1 (TF/JAX: + flush)"],
+                              phase_rows(results, skip), numeric_from=2))
     if args.quick:
         lines += ["", "- QUICK SMOKE RUN: too few steps and rounds for the numbers to mean anything."]
     return "\n".join(lines)
@@ -356,8 +476,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps left out of the steady state (default 100; 20 with --quick)")
     p.add_argument("--variants", action="store_true",
                    help="also time a no-op batch-end callback and gradwatch with norms only (flush 50 and 500)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads per backend (default 1; 0: each framework's own default)")
     p.add_argument("--quick", action="store_true", help="smoke run: few steps, numbers meaningless")
     p.add_argument("--json", type=Path, default=None, help="also write every step time here")
+    p.add_argument("--report-from", type=Path, default=None, metavar="JSON",
+                   help="print the tables of a run saved with --json (measures nothing)")
     p.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -376,8 +500,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def child_argv(args: argparse.Namespace, backend: str, out: Path) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", backend, "--child-out", str(out),
             "--models", ",".join(args.models), "--rounds", str(args.rounds), "--steps", str(args.steps),
-            "--skip", str(args.skip)]
+            "--skip", str(args.skip), "--threads", str(args.threads)]
+    if args.quick:
+        argv.append("--quick")
     return argv + (["--variants"] if args.variants else [])
+
+
+def child_env(backend: str, threads: int) -> dict[str, str]:
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        if backend == "jax" and threads == 1:  # XLA's CPU client takes no thread count but this switch
+            flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,23 +521,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         args.child_out.write_text(json.dumps(run_child(args)))
         return 0
+    if args.report_from:
+        saved = json.loads(args.report_from.read_text())
+        run_args = argparse.Namespace(**saved["args"])
+        print(report(saved["results"], run_args, saved["wall_s"], command=saved["command"]))
+        return 0
     started = time.perf_counter()
     results = []
     backends = BACKENDS if args.backend == "all" else (args.backend,)
     with tempfile.TemporaryDirectory(prefix="gradwatch-keras-bench-") as tmp:
         for backend in backends:
             out = Path(tmp) / f"{backend}.json"
-            env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
-            proc = subprocess.run(child_argv(args, backend, out), env=env)
+            proc = subprocess.run(child_argv(args, backend, out), env=child_env(backend, args.threads))
             if proc.returncode != 0:
                 log(f"{backend}: the benchmark process failed (exit {proc.returncode}); left out of the table")
                 continue
             results.append(json.loads(out.read_text()))
     if not results:
         return 1
-    print(report(results, args, time.perf_counter() - started))
+    wall = time.perf_counter() - started
+    print(report(results, args, wall))
     if args.json:
-        args.json.write_text(json.dumps({"command": sys.orig_argv, "args": {k: str(v) for k, v in vars(args).items()},
+        saved_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"command": sys.orig_argv, "args": saved_args, "wall_s": wall,
                                          "results": results}))
     return 0 if len(results) == len(backends) else 1
 

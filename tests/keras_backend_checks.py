@@ -151,6 +151,22 @@ def check_loop(out: Path) -> dict[str, Any]:
     }
 
 
+def check_refit(out: Path) -> dict[str, Any]:
+    """fit() again, watched, on a model fitted before (unwatched, then watched): each record holds its
+    own steps with real gradients, and the optimizer's state does not grow with each fit."""
+    x, y = data()
+    model = mlp("relu", 1)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    result = []
+    for k in range(2):
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[GradWatch(out / f"refit{k}", **OPTS)])
+        run = gw.load_run(out / f"refit{k}")
+        result.append({"steps": run.steps.tolist(), "min_grad_norm": float(np.nanmin(run.step_series("grad_norm"))),
+                       "variables": len(model.optimizer.variables)})
+    return {"fits": result}
+
+
 def check_crash(out: Path) -> dict[str, Any]:
     """fit() that raises after 25 steps: the run holds what was flushed, and says it crashed."""
     x, y = data()
@@ -197,5 +213,6 @@ def check_activations(out: Path) -> dict[str, Any]:
 if __name__ == "__main__":
     root = Path(sys.argv[1])
     result = {"backend": BACKEND, "fit": check_fit(root), "loop": check_loop(root), "crash": check_crash(root),
+              "refit": check_refit(root),
               "acts": check_activations(root)}
     print("RESULT " + json.dumps(result))

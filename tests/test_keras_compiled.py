@@ -54,9 +54,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_fit_records_every_step_and_reads_the_device_only_at_flushes(backend: str, root: str) -> None:
     fit = checks(backend, root)["fit"]
     assert fit["steps"] == list(range(30)) and fit["status"] == "finished"
-    # flush_every=10: the host read the ring when the device had taken 10, 20 and 30 steps, and at
-    # the end; never in between (each read is counted).
-    assert fit["fetch_at"] == [10, 20, 30, 30]
+    # flush_every=10, counted at each batch's start: the host read the ring when the device had
+    # taken 9, 19 and 29 steps, and at the end; never in between (each read is counted).
+    assert fit["fetch_at"] == [9, 19, 29, 30]
     assert fit["findings"] == []  # a healthy tanh/Glorot MLP with Adam
     assert fit["loss_logged"] == 1.0
     assert fit["loss0"] == pytest.approx(fit["loss0_recomputed"], rel=1e-5)
@@ -106,6 +106,15 @@ def test_a_fit_that_raises_keeps_what_was_flushed(backend: str, root: str) -> No
     crash = checks(backend, root)["crash"]
     assert crash["status"] == "crashed"
     assert crash["steps"] >= 20  # flush_every=10: at most the steps after the last flush are lost
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fitting_again_records_the_new_steps_and_does_not_grow_the_state(backend: str, root: str) -> None:
+    # The model was fitted once unwatched (10 steps): its step function was traced without gradwatch.
+    first, second = checks(backend, root)["refit"]["fits"]
+    assert first["steps"] == list(range(10, 20)) and second["steps"] == list(range(20, 30))
+    assert first["min_grad_norm"] > 0 and second["min_grad_norm"] > 0
+    assert first["variables"] == second["variables"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

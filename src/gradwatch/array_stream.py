@@ -25,7 +25,7 @@ import numpy as np
 from . import shutdown
 from .probe.arrays import NO_GRAD
 from .probe.derive import HostRows, derive
-from .probe.layout import EXP_BINS, LOSS, LOSS_GIVEN, ProbeConfig, RingLayout, max_sampled_in_window
+from .probe.layout import EXP_BINS, LOSS, LOSS_GIVEN, STEP_MARK, STEP_MARK_MOD, ProbeConfig, RingLayout, max_sampled_in_window
 from .session import RunSession
 from .store import Chunk, LayerInfo
 
@@ -76,6 +76,7 @@ class ArrayStream:
         self._t0 = time.perf_counter()
         self._times: list[tuple[int, float]] = []  # (host step, seconds since start)
         self.lost = 0  # steps the ring overwrote before a flush read them
+        self.unwritten = 0  # steps whose row no step of this record wrote (see _window)
         #: Host fetches so far (tests count them: one per flush, none per step).
         self.fetches = 0
         self.extra: dict[str, Any] = {}  # fields for meta.json's stream entry at the end
@@ -137,6 +138,10 @@ class ArrayStream:
     def notes(self, rank: int) -> tuple[dict[str, Any], list[str]]:
         fields: dict[str, Any] = dict(self.extra)
         lines: list[str] = list(self.extra.get("guard_summary", []))
+        if self.unwritten:
+            fields["unrecorded_steps"] = self.unwritten
+            lines.append(f"{self.unwritten} steps ran in a compiled function traced before gradwatch attached, so they "
+                         "were not recorded; start the record before the step function is first called.")
         if self.lost:
             fields["lost_steps"] = self.lost
             lines.append(f"{self.lost} steps were overwritten on the device before a flush read them "
@@ -153,8 +158,17 @@ class ArrayStream:
             self.lost += end - first - self.rows
             first = end - self.rows
         steps = np.arange(first, end, dtype=np.int64)
-        n = len(steps)
         ring = got.ring[steps % self.rows].astype(np.float64)
+        written = ring[:, STEP_MARK] == steps % STEP_MARK_MOD
+        if not written.all():
+            # Steps of a compiled function traced before this record started: their rows are not
+            # this record's (stale or empty); counted and said at the end, never stored.
+            self.unwritten += int((~written).sum())
+            steps, ring = steps[written], ring[written]
+        n = len(steps)
+        if n == 0:
+            self._stored, self._sampled_stored = end, int(got.sampled)
+            return None
         rows = HostRows(n, self.layout.layers)
         rows.steps[:] = steps
         sampled = np.array([self.config.is_sampled(int(s)) for s in steps])

@@ -266,7 +266,10 @@ class GradWatch(keras.callbacks.Callback):
         # With steps_per_execution=N, fit() calls the batch callbacks once per N steps.
         self._per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
 
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        # At a batch's start, not its end: Keras runs batch-end callbacks in a background thread
+        # unless one implements them, and gradwatch must not take that away. The step about to run
+        # is counted; the device's own counter says which steps a flush stores.
         if self._attachment is not None:
             self._attachment.host_step(self._per_call)
 

@@ -162,13 +162,9 @@ class Recorder:
         self.maker = arrays.RowMaker(_ops(), len(layers))
         rows, width, hist_rows = ring_shape(self.config, len(layers))
         self.rows, self.hist_rows = rows, hist_rows
-        name = "gradwatch"
-        self.ring = optimizer.add_variable((rows, width), initializer="zeros", dtype="float32", name=f"{name}_ring",
-                                           aggregation="only_first_replica")
-        self.hist = optimizer.add_variable((hist_rows, len(layers), arrays.EXP_BINS), initializer="zeros",
-                                           dtype="float32", name=f"{name}_hist", aggregation="only_first_replica")
-        self.sampled = optimizer.add_variable((), initializer="zeros", dtype="int32", name=f"{name}_sampled",
-                                              aggregation="only_first_replica")
+        self.ring = _state_variable(optimizer, "gradwatch_ring", (rows, width), "float32")
+        self.hist = _state_variable(optimizer, "gradwatch_hist", (hist_rows, len(layers), arrays.EXP_BINS), "float32")
+        self.sampled = _state_variable(optimizer, "gradwatch_sampled", (), "int32")
         self._clip_limit = optimizer.global_clipnorm or (optimizer.clipnorm if not optimizer.clipvalue else None)
         self._clips = any(getattr(optimizer, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
         info = {"optimizer": type(optimizer).__name__, "framework": f"keras/{BACKEND}",
@@ -266,7 +262,8 @@ class Recorder:
             if self._clip_limit:
                 slots[THRESHOLD] = float(self._clip_limit)
         acts = self._take_acts() if BACKEND == "tensorflow" else {}
-        row, hist = self.maker.row(sampled, self._grads, weights, self.deltas, slots, g_norm=self._g_norm, acts=acts)
+        row, hist = self.maker.row(sampled, self._grads, weights, self.deltas, slots, g_norm=self._g_norm, acts=acts,
+                                   step=step)
         self._write(step, sampled, row, hist)
         self._grads, self.deltas, self.clipped = [], [], None
         if eager:
@@ -357,6 +354,17 @@ class Recorder:
             _live.remove(self)
             if BACKEND == "tensorflow":
                 _tf_hooks.release()
+
+
+def _state_variable(optimizer: Any, name: str, shape: tuple[int, ...], dtype: str) -> Any:
+    """The optimizer's variable ``name`` of this shape, left by an earlier record (Keras cannot remove
+    one: reused, so that fitting again does not grow the state every step carries), or a new one.
+    Rows are checked by their step mark (see ``array_stream``), so what an earlier record left in
+    them is never taken for this one's."""
+    for v in optimizer.variables:
+        if v.name == name and tuple(v.shape) == tuple(shape) and str(v.dtype) == dtype:
+            return v
+    return optimizer.add_variable(shape, initializer="zeros", dtype=dtype, name=name, aggregation="only_first_replica")
 
 
 def _optimizer_options(opt: Any) -> dict[str, Any]:

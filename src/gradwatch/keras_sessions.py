@@ -161,13 +161,25 @@ class Attachment:
             self.session.close(status="crashed")
 
 
+def retrace(model: Any) -> Any:
+    """TensorFlow: ``fit`` builds its step function before the callbacks start, and a model fitted
+    before keeps the one it traced then, without gradwatch's ops: build a new one, and let the next
+    ``fit`` build its own again. Returns the undo."""
+    model.make_train_function(force=True)
+
+    def undo() -> None:
+        model.train_function = None
+
+    return undo
+
+
 def start(model: Any, out: Any, options: dict[str, Any]) -> tuple[ArraySession, Attachment]:
     """A run recording ``model``'s optimizer during ``fit`` (for :class:`gradwatch.keras.GradWatch`)."""
     session = session_for(out, options)
     session.status_at_exit = "crashed"  # closed at exit without on_train_end: fit() raised
     try:
         recorder = Recorder(session, model, model.optimizer, by_callback=True)
-        undo = capture_jax_loss(model, recorder) if BACKEND == "jax" else None
+        undo = capture_jax_loss(model, recorder) if BACKEND == "jax" else retrace(model)
     except BaseException:
         session.close(status="crashed")
         raise
@@ -338,8 +350,8 @@ class _RunnerCallback(keras.callbacks.Callback):
             self.rec = None
         self._per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
 
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        if self.rec is not None:
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        if self.rec is not None:  # at the start: see gradwatch.keras.GradWatch.on_train_batch_begin
             self.rec.host_step(self._per_call)
 
     def on_train_end(self, logs: Any = None) -> None:

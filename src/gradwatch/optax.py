@@ -219,7 +219,7 @@ class _Recorder:
                    for d in (self._leaves(updates, "updates")[i] for i in order)]
         count = state.count
         sampled = arrays.is_sampled(self.config, count)
-        row, hist = self.maker.row(sampled, g, weights, None, slots, g_norm=g_norm, dw_norm=dw_norm)
+        row, hist = self.maker.row(sampled, g, weights, None, slots, g_norm=g_norm, dw_norm=dw_norm, step=count)
         ring = jax.lax.dynamic_update_slice(state.ring, row[None],
                                             ((count % state.ring.shape[0]).astype(jnp.int32), jnp.int32(0)))
         k = state.sampled % state.hist.shape[0]

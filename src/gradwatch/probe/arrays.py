@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from .layout import BLOCKS, EXP_BINS, LOSS, LOSS_GIVEN, SHORT_RUN_STEPS, STEP_SLOTS, ProbeConfig, RingLayout
+from .layout import (BLOCKS, EXP_BINS, LOSS, LOSS_GIVEN, SHORT_RUN_STEPS, STEP_MARK, STEP_MARK_MOD, STEP_SLOTS,
+                     ProbeConfig, RingLayout)
 
 #: What a layer's gradient-norm column holds on a step where it had no gradient (norms are >= 0 or
 #: NaN, so it cannot be mistaken for one).
@@ -149,7 +150,7 @@ class RowMaker:
 
     def row(self, sampled: Any, grads: Sequence[Any], weights: Sequence[Any] | None, deltas: Sequence[Any] | None,
             slots: dict[int, Any], g_norm: Any = None, acts: dict[int, Any] | None = None,
-            dw_norm: Sequence[Any] | None = None) -> tuple[Any, Any]:
+            dw_norm: Sequence[Any] | None = None, step: Any = None) -> tuple[Any, Any]:
         """(ring row of width ``layout.width``, histogram rows ``layers x EXP_BINS``), float32.
 
         Args:
@@ -161,6 +162,7 @@ class RowMaker:
                 (a given loss also sets LOSS_GIVEN).
             g_norm: the per-layer norms if already computed (:meth:`grad_norms`).
             acts: layer -> its units' (dead, saturated, constant) shares (:func:`unit_stats`).
+            step: the step's number (an integer array): written as STEP_MARK, which the host checks.
             dw_norm: each layer's ``‖Δw‖₂`` already reduced by the caller, every step (then ``deltas``
                 is not read). An operand of the sampled ``cond`` must be materialised, which can change
                 how XLA fuses the caller's own update: a norm outside the cond keeps it bit-identical.
@@ -170,6 +172,8 @@ class RowMaker:
             g_norm = self.grad_norms(grads)
         if LOSS in slots:
             slots = {**slots, LOSS_GIVEN: 1.0}
+        if step is not None:
+            slots = {**slots, STEP_MARK: self.ops.f32(step % STEP_MARK_MOD)}
         head = xp.stack([ops.scalar(slots.get(i)) for i in range(STEP_SLOTS)])
 
         def full() -> tuple[Any, Any]:

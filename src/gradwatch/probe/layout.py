@@ -21,9 +21,12 @@ BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max", "w_norm", "w_sum", "w_
 GRAD_BLOCKS = ("g_norm", "g_sum", "g_cnorm", "g_min", "g_max")
 # Step slots: the loss and lr, what guards did (written by record_guards), the AMP loss scale and
 # whether GradScaler skipped the step (record_amp); LOSS_GIVEN is 1 where a compiled step wrote its
-# loss (a NaN loss is a loss; PyTorch's probe keeps this fact on the host instead).
-LOSS, LR, NORM_AFTER, COEF, THRESHOLD, SKIPPED, AMP_SCALE, AMP_SKIPPED, LOSS_GIVEN = range(9)
-STEP_SLOTS = 9
+# loss (a NaN loss is a loss; PyTorch's probe keeps this fact on the host instead); STEP_MARK is the
+# step number (mod 2^24, exact in float32) a compiled step wrote its row for, so that a row no step
+# of this record wrote (a function traced before the record started) is never taken for one.
+LOSS, LR, NORM_AFTER, COEF, THRESHOLD, SKIPPED, AMP_SCALE, AMP_SKIPPED, LOSS_GIVEN, STEP_MARK = range(10)
+STEP_SLOTS = 10
+STEP_MARK_MOD = 1 << 24
 #: The guards' slots, in record_guards' order: norm after, clip coefficient, threshold, skipped.
 GUARD_SLOTS = slice(NORM_AFTER, SKIPPED + 1)
 EXP_BINS = 256  # every value of a float32's 8-bit exponent field: the columns of a histogram row
@@ -53,9 +56,16 @@ class RingLayout:
         return [start + i for i in layer_ids]
 
 
+#: The longest schedule :func:`max_sampled_in_window` walks step by step.
+MAX_SCAN = 200_000
+
+
 def max_sampled_in_window(is_sampled: Callable[[int], bool], window: int, horizon: int) -> int:
     """The most sampled steps among any ``window`` consecutive steps before ``horizon`` (past it the
-    schedule is periodic): the histogram rows a window can need."""
+    schedule is periodic): the histogram rows a window can need. Past ``MAX_SCAN`` steps (a huge
+    ``sample_every``) the schedule is not walked: every step of a window, at most, is an upper bound."""
+    if horizon > MAX_SCAN:
+        return window
     marks = np.array([is_sampled(s) for s in range(horizon)], dtype=np.int64)
     return int(np.convolve(marks, np.ones(window, np.int64), mode="valid").max())
 
