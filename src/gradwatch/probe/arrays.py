@@ -53,7 +53,7 @@ class ArrayOps:
         if value is None:
             return self.xp.full((), math.nan, dtype="float32")
         if isinstance(value, (int, float)):
-            return self.xp.full((), float(value), dtype="float32")
+            return self.xp.full((), float(value), dtype="float32")  # sync-ok: a Python number, not a device value
         return self.xp.reshape(self.f32(value), ())
 
 
