@@ -13,6 +13,11 @@ import os
 import pytest
 
 os.environ["GRADWATCH_REPORT"] = "0"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one compute thread each (and in their child
+    # processes), or torch's and TensorFlow's thread pools spin against each other.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ.setdefault(var, "1")
 # This process runs Keras on torch (the PyTorch probe's tests); the TensorFlow and JAX backends are
 # tested in child processes (tests/test_keras_compiled.py, tests/test_keras_backends.py).
 os.environ.setdefault("KERAS_BACKEND", "torch")
