@@ -57,7 +57,7 @@ class ArrayStream:
     """
 
     def __init__(self, session: "ArraySession", key: int, writer: Any, layers: Sequence[LayerInfo],
-                 config: ProbeConfig, fetch: Callable[[], Fetched], quiet: bool = False):
+                 config: ProbeConfig, fetch: Callable[[], Fetched]):
         self.session = session
         self.key = key
         self.writer = writer
@@ -66,11 +66,9 @@ class ArrayStream:
         self.rows, _, self.hist_rows = ring_shape(config, len(layers))
         self.fetch = fetch
         self.numel = np.array([max(1, x.numel) for x in layers], np.float64)
-        self.quiet = quiet
         self.failed = False
         self.stored_through = -1
         self._stored = 0  # steps stored (the device counter at the last flush)
-        self._sampled_stored = 0
         self._host_steps = 0  # steps the host was told of
         self._since_flush = 0
         self._t0 = time.perf_counter()
@@ -167,7 +165,7 @@ class ArrayStream:
             steps, ring = steps[written], ring[written]
         n = len(steps)
         if n == 0:
-            self._stored, self._sampled_stored = end, int(got.sampled)
+            self._stored = end
             return None
         rows = HostRows(n, self.layout.layers)
         rows.steps[:] = steps
@@ -192,7 +190,6 @@ class ArrayStream:
         rows.hist_steps = [int(s) for s in hist_steps]
         counts = got.hist[usable % self.hist_rows] if len(usable) else np.zeros((0, self.layout.layers, EXP_BINS))
         self._stored = end
-        self._sampled_stored = int(got.sampled)
         return derive(ring, n, counts.astype(np.float64), rows, self.layout, self.numel)
 
     def _step_times(self, steps: np.ndarray) -> np.ndarray:
@@ -223,7 +220,7 @@ class ArraySession(RunSession):
              label: str | None = None) -> ArrayStream:
         """A new stream of ``layers`` in the run, read through ``fetch`` (see :class:`ArrayStream`)."""
         writer = self._open_stream(layers, info, label=label)
-        stream = ArrayStream(self, key, writer, layers, self.config, fetch, quiet=self.quiet)
+        stream = ArrayStream(self, key, writer, layers, self.config, fetch)
         self._streams[key] = stream
         return stream
 

@@ -209,9 +209,8 @@ class _Recorder:
         lr = _learning_rate(inner)
         if lr is not None:
             slots[LR] = lr
-        if extra.get("value") is not None:  # optax's name for the loss (extra args)
+        if extra.get("value") is not None:  # optax's name for the loss (extra args); the row says it has one
             slots[LOSS] = extra["value"]
-            self.stream.has_loss = True
         weights = None if params is None else [self._leaves(params, "parameters")[i] for i in order]
         # Each update's norm, every step, outside the sampled cond (see RowMaker.row's dw_norm): an
         # operand of the cond would be materialised and fuse the user's apply_updates differently.

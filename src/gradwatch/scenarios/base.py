@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import GradwatchError
+from .results import VariantResult  # noqa: F401 - the result type, importable from here as before
 from ..watch import Watch
 
 
@@ -59,21 +60,6 @@ class Scenario:
     reports: bool = False  # write each variant's report.html (the seed shows per-layer plots of each)
     #: The qualitative result the seed reports, checked on our results: (description, predicate).
     expectations: list[tuple[str, Callable[[dict[str, "VariantResult"]], bool]]] = field(default_factory=list)
-
-
-@dataclass
-class VariantResult:
-    label: str
-    metric: str
-    score: float
-    final_loss: float
-    first_nonfinite_step: int | None
-    flow: float  # first weight layer's gradient RMS over the last one's (median, first 100 steps)
-    findings: list[str]  # "kind (severity)", warnings and errors
-    steps: int
-    seconds: float
-    out: str
-    published: str
 
 
 def _score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, metric: str) -> float:

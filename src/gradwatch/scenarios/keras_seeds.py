@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import GradwatchError
+from .results import VariantResult
 
 BACKENDS = ("tensorflow", "jax")
 #: What to install for a backend, as the error messages say it.
@@ -69,23 +70,6 @@ class KerasScenario:
     epochs: int
     full_epochs: int
     note: str = ""
-
-
-@dataclass
-class VariantResult:
-    """One variant's outcome; the fields of the PyTorch scenarios' ``VariantResult``."""
-
-    label: str
-    metric: str
-    score: float
-    final_loss: float
-    first_nonfinite_step: int | None
-    flow: float  # first weight layer's gradient RMS over the last one's (median, first 100 steps)
-    findings: list[str]  # "kind (severity)", warnings and errors
-    steps: int
-    seconds: float
-    out: str
-    published: str
 
 
 # ------------------------------------------------------------------------------------------ data
