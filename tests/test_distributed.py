@@ -4,6 +4,7 @@ alone writes, guard decisions are the same on every rank, and nothing waits fore
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import sys
 import time
@@ -52,6 +53,13 @@ def run_ranks(case: str, tmp: Path, attempts: int = 3) -> list[dict]:
         except mp.ProcessRaisedException as e:
             if "address already in use" not in str(e).lower() or attempt == attempts - 1:
                 raise
+        except mp.ProcessExitedException as e:
+            # Killed by a signal rather than by an exception of its own: a rank aborted inside gloo
+            # (a joinable thread destroyed). Not gradwatch's doing; a fault of gradwatch's raises.
+            if e.signal_name != "SIGABRT" or attempt == attempts - 1:
+                raise
+            for child in tmp.iterdir():  # the next attempt starts from an empty directory
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     infos = []
     for r in range(WORLD):
         path = tmp / f"info-{r}.json"
