@@ -10,6 +10,7 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch import surgery as S
+from gradwatch.surgery import torch as ST
 
 
 def _mlp(act: type[nn.Module] = nn.Sigmoid, widths=(20, 64, 64, 32, 1)) -> nn.Sequential:  # type: ignore[no-untyped-def]
@@ -35,12 +36,12 @@ def test_reinit_draws_with_the_keras_variance(scheme, expected_std) -> None:  # 
     report = S.reinit(model, scheme, bias=0.1, seed=0)
     assert len(report.changed) == 3
     for m in (model[0], model[2]):
-        fan_in, fan_out = S._fans(m.weight)
+        fan_in, fan_out = ST._fans(m.weight)
         std = float(m.weight.detach().std())
         assert std == pytest.approx(expected_std(fan_in, fan_out), rel=0.05), (scheme, type(m).__name__)
         assert bool((m.bias == 0.1).all())
         limit = (math.sqrt(3) * expected_std(fan_in, fan_out) if scheme.endswith("uniform")
-                 else 2 * expected_std(fan_in, fan_out) / S._TRUNC_STD)
+                 else 2 * expected_std(fan_in, fan_out) / ST._TRUNC_STD)
         assert float(m.weight.detach().abs().max()) <= limit * (1 + 1e-6)
 
 
@@ -240,8 +241,8 @@ class FunctionalVariants(nn.Module):
 
 
 def test_functional_call_detection_reads_code_not_text() -> None:
-    assert S._functional_calls(FunctionalVariants(), nn.LeakyReLU) == ["FunctionalVariants"]
-    assert S._functional_calls(FunctionalVariants(), nn.Sigmoid) == []
+    assert ST._functional_calls(FunctionalVariants(), nn.LeakyReLU) == ["FunctionalVariants"]
+    assert ST._functional_calls(FunctionalVariants(), nn.Sigmoid) == []
 
 
 def test_reinit_skips_lazy_layers_with_a_reason() -> None:

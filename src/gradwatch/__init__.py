@@ -20,9 +20,10 @@ __version__ = "0.1.0"
 
 if torch_error() is None:  # recording needs PyTorch; reading, diagnosing and reporting a stored run do not
     from .watch import Watch, watch
-    from . import guards, surgery
+    from . import guards
+from . import surgery  # PyTorch or Keras models; imports neither until it is given one
 
-_TORCH_SIDE = ("Watch", "watch", "guards", "surgery")
+_TORCH_SIDE = ("Watch", "watch", "guards")
 
 
 def __getattr__(name: str) -> Any:

@@ -1,13 +1,11 @@
-"""Model surgery: the offline fixes of the seeds, applied to a live PyTorch model.
+"""Model surgery on a live PyTorch model (see :mod:`gradwatch.surgery`).
 
     report = gradwatch.surgery.reinit(model, "he_uniform")
     report = gradwatch.surgery.swap_activations(model, nn.Sigmoid, nn.ReLU)
     report = gradwatch.surgery.insert_norm(model, "batch", optimizer=optimizer)
-    print(report)
 
-Each function changes the model in place and returns a :class:`SurgeryReport` of what it changed
-and what it left alone, and why. What it cannot do safely it refuses with a :class:`GradwatchError`
-that says so (an activation called as a function inside ``forward`` cannot be swapped from outside).
+What it cannot do safely it refuses with a :class:`GradwatchError` that says so (an activation
+called as a function inside ``forward`` cannot be swapped from outside).
 
 Initialisers follow Keras, whose defaults the seeds use: ``glorot_*``, ``he_*`` and ``lecun_*``
 draw from U(-limit, limit) with limit = sqrt(3 * scale / fan), or from a normal truncated at two
@@ -23,14 +21,15 @@ import math
 import re
 import textwrap
 import tokenize
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from .errors import GradwatchError
-from .probe.torch import ACTIVATION_TYPES, following_activations
+from ..errors import GradwatchError
+from ..probe.torch import ACTIVATION_TYPES, following_activations
+from . import SCHEMES as _SCHEME_NAMES
+from . import SurgeryReport
 
 #: Layers whose weight the initialisers and the norm insertion act on.
 WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -45,7 +44,7 @@ _SCHEMES = {
     "lecun_normal": (1.0, "in", "normal"),
     "orthogonal": (1.0, "", "orthogonal"),
 }
-SCHEMES = tuple(_SCHEMES)
+SCHEMES = _SCHEME_NAMES
 #: Standard deviation of a unit normal truncated to [-2, 2] (Keras divides by it).
 _TRUNC_STD = 0.87962566103423978
 
@@ -56,23 +55,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "mish": nn.Mish,
 }
 _GAIN_NAMES = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "SELU": "selu"}
-
-
-@dataclass
-class SurgeryReport:
-    """What a surgery changed (``changed``), what it left alone and why (``skipped``), and the
-    parameters it created (``new_parameters``: they must join an optimizer to be trained)."""
-
-    action: str
-    changed: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    new_parameters: list[nn.Parameter] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"{self.action}: changed {len(self.changed)}"]
-        lines += [f"  changed  {c}" for c in self.changed]
-        lines += [f"  skipped  {s}" for s in self.skipped]
-        return "\n".join(lines)
 
 
 def _check_model(model: Any) -> nn.Module:
