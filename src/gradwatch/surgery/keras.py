@@ -118,6 +118,18 @@ def _initializer(scheme: str, gain: float, seed: Any) -> Any:
     return cls(gain=gain, seed=seed) if scheme == "orthogonal" else cls(seed=seed)
 
 
+def _formula(init: Any, kernel: Any) -> str:
+    """What a variance-scaling initialiser drew from, as the PyTorch side says it."""
+    from keras.src.initializers.random_initializers import compute_fans
+
+    fan_in, fan_out = compute_fans(tuple(kernel.shape))
+    fan = {"fan_in": fan_in, "fan_out": fan_out}.get(init.mode, (fan_in + fan_out) / 2)
+    if init.distribution == "uniform":
+        limit = math.sqrt(3.0 * init.scale / fan)
+        return f"U(-{limit:.3g}, {limit:.3g})"
+    return f"truncated N(0, {math.sqrt(init.scale / fan):.3g}²)"
+
+
 def reinit(model: Any, scheme: str = "glorot_uniform", *, bias: float = 0.0, seed: int | None = None,
            layers: Iterable[str] | None = None) -> SurgeryReport:
     """Draw every ``Dense``/``Conv`` kernel anew with Keras' ``scheme`` initialiser (``orthogonal``
@@ -149,7 +161,7 @@ def reinit(model: Any, scheme: str = "glorot_uniform", *, bias: float = 0.0, see
         kernel = layer.kernel
         kernel.assign(init(tuple(kernel.shape), dtype=kernel.dtype))
         layer.kernel_initializer = _initializer(scheme, gain, None)
-        how = f"gain {gain:.3g} ({act or 'no activation'})" if scheme == "orthogonal" else scheme
+        how = f"orthogonal, gain {gain:.3g} ({act or 'no activation'})" if scheme == "orthogonal" else _formula(init, kernel)
         if getattr(layer, "bias", None) is not None:
             layer.bias.assign(keras.ops.full(tuple(layer.bias.shape), bias, dtype=layer.bias.dtype))
             layer.bias_initializer = keras.initializers.Constant(bias)
