@@ -28,6 +28,7 @@ session_module = importlib.import_module("gradwatch.session")
 INTEGRATION_FILES = frozenset({
     "test_accumulation.py", "test_amp.py", "test_benchmark_smoke.py", "test_cli.py", "test_compile.py",
     "test_crash.py", "test_diagnosis_matrix.py", "test_distributed.py", "test_doctor.py", "test_keras.py",
+    "test_keras_doctor.py",
     "test_keras_compiled.py", "test_keras_backends.py", "test_keras_surgery.py", "test_optax.py",
     "test_keras_matrix.py", "test_keras_matrix_behaviour.py", "test_lightning.py", "test_report.py",
     "test_runner.py", "test_scenarios.py", "test_transformers.py", "test_zero_code_trainers.py",

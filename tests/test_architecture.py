@@ -19,9 +19,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("session", ("session", "shutdown", "finish")),
     ("framework side", ("frameworks", "objects", "amp", "probe", "guards", "torch_step", "torch_stream", "watch",
                         "treatment", "surgery", "runner", "global_hooks", "script_clips", "trainer_hooks", "keras",
-                        "keras_torch", "keras_compiled", "keras_sessions", "array_stream", "optax", "optax_guards",
-                        "optax_layers", "optax_book",
-                        "lightning", "transformers", "testing", "scenarios", "doctor")),
+                        "keras_torch", "keras_compiled", "keras_sessions", "keras_treatment", "array_stream", "optax",
+                        "optax_guards", "optax_layers", "optax_book",
+                        "lightning", "transformers", "testing", "scenarios", "doctor", "doctor_advice",
+                        "forensics", "forensics_replay")),
     ("entry points", ("cli", "__main__", "__init__")),
 ]
 CORE = {"base", "findings", "store", "diagnose", "report", "session"}

@@ -277,6 +277,10 @@ def _cmd_doctor(ns: argparse.Namespace) -> int:
     if not rep.trials:
         if not base.problems:
             _err.print("[green]Healthy[/green]: no warning or error, so nothing was changed.")
+            return 0
+        _err.print("No remedy for these problems can be applied from outside the script; what to change in it:")
+        for line in rep.advice:
+            _err.print(f"  needs a code change: {line}")
         return 0
     t = Table(title=f"remedies tried on {ns.target} (from the same seed)", title_justify="left")
     for col in ("remedy", "problems left", f"printed {ns.metric}", "recorded loss (last 10%)", "steps", "time"):

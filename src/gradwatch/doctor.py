@@ -31,7 +31,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .diagnose import read_findings
+from .doctor_advice import locate
 from .errors import GradwatchError
+from .keras_treatment import keras_applicable
 from .store import load_run
 from .treatment import applicable, describe
 
@@ -72,6 +74,7 @@ class TrialResult:
     complete: bool = True  # ran the whole script (not cut at --steps)
     applied: list[str] = field(default_factory=list)
     error: str = ""
+    framework: str = ""  # "keras" (any backend) or meta.json's framework name (see run_framework)
 
 
 def parse_metric(text: str, name: str) -> float:
@@ -79,6 +82,15 @@ def parse_metric(text: str, name: str) -> float:
     pattern = re.compile(rf"\b{re.escape(name)}\b\s*[:=]?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)", re.IGNORECASE)
     found = pattern.findall(text)
     return float(found[-1]) if found else math.nan
+
+
+def run_framework(run: Any) -> str:
+    """``"keras"`` when a Keras optimizer trained the run (its stream is ``keras.SGD`` on the torch
+    backend, or has framework ``keras/<backend>`` on TensorFlow and JAX); else meta.json's name."""
+    for s in run.streams:
+        if str(s.get("optimizer", "")).startswith("keras.") or str(s.get("framework", "")).startswith("keras/"):
+            return "keras"
+    return str(run.meta.get("framework", {}).get("name", ""))
 
 
 def _tail_loss(run: Any) -> float:
@@ -134,6 +146,7 @@ def run_trial(
         result.finite = False
         return result
     result.steps = len(run.steps)
+    result.framework = run_framework(run)
     result.complete = not steps or result.steps < steps
     result.problems = sorted({f.kind for f in read_findings(out) if f.severity in ("warning", "error")})
     result.loss = _tail_loss(run)
@@ -141,8 +154,11 @@ def run_trial(
     return result
 
 
-def candidates(findings: Sequence[Any], limit: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """Remedies to try, in the findings' ranked order (no duplicates); and advice that needs code."""
+def candidates(findings: Sequence[Any], limit: int, framework: str = "",
+               where: Callable[[str], str | None] = lambda action: None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Remedies to try, in the findings' ranked order (no duplicates); and advice that needs code, or
+    that ``framework`` (``"keras"``: see :func:`run_framework`) has no way to apply from outside.
+    ``where(action)`` names the line of the script a code change goes to, when it can be told."""
     tries: list[dict[str, Any]] = []
     advice: list[str] = []
     seen: set[str] = set()
@@ -154,11 +170,14 @@ def candidates(findings: Sequence[Any], limit: int) -> tuple[list[dict[str, Any]
                 continue
             seen.add(key)
             why = applicable(remedy)
+            if why is None and framework == "keras":
+                why = keras_applicable(remedy)
             if why is None:
                 if len(tries) < limit:
                     tries.append(remedy)
             else:
-                advice.append(f"{describe(remedy)} ({f.kind}): {why}")
+                line = where(r.action)
+                advice.append(f"{describe(remedy)} ({f.kind}): {why}" + (f"; here: {line}" if line else ""))
     return tries, advice
 
 
@@ -228,7 +247,9 @@ def doctor(
     if not findings:
         say("nothing to fix: the baseline run has no warning or error, so doctor changes nothing.")
         return DoctorReport(base, [], None, None, None, [], None)
-    tries, advice = candidates(findings, trials)
+    base_run = load_run(base.out)
+    tries, advice = candidates(findings, trials, base.framework,
+                               where=lambda action: None if module else locate(script, action, base_run))
     results: list[TrialResult] = []
     for i, remedy in enumerate(tries):
         if time.perf_counter() > deadline - 2.0:

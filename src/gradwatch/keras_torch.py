@@ -85,7 +85,10 @@ class KerasAttachment:
 
     def __init__(self, watch: Watch, model: Any, optimizer: Any, variables: list[Any] | None = None, *, wrap: bool = True):
         check_backend()
-        if watch.guards:
+        # A doctor treatment's guards (gradwatch.treatment) are for torch optimizers: Keras clips with
+        # its own options (gradwatch.keras_treatment), so this stream leaves them out.
+        treatment = bool(watch.guards) and all(getattr(g, "from_treatment", False) for g in watch.guards)
+        if watch.guards and not treatment:
             raise GradwatchError("gradwatch's guards act on torch optimizers; with Keras use its own clipnorm/clipvalue.")
         variables = list(variables if variables is not None else model.trainable_variables)
         if not variables:
@@ -103,6 +106,9 @@ class KerasAttachment:
         self.att = watch.add_optimizer(self.view, module, hooks=False, layer_table=layer_table(model, variables),
                                        tap_targets=tap_targets(model, variables) if module is not None else None,
                                        loss=loss_name(model))
+        if treatment:
+            self.att.guards = None
+            watch.describe_stream(self.view, guards=[])
         self._clip = any(getattr(optimizer, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
         self._loss: torch.Tensor | None = None
         self._model: Any = None

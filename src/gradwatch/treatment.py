@@ -10,6 +10,11 @@ script:
 * ``swap_activation``, ``reinit``, ``insert_norm``: model surgery, on the model's first forward
   call, before any gradient exists (new parameters join the optimizers that hold the model's).
 
+A Keras script gets the same remedies the Keras way (:mod:`gradwatch.keras_treatment`: its
+optimizers' clipping options, learning rate and weight decay, ``keras.optimizers`` classes, surgery
+at ``compile``); the guards here act on torch optimizers only (``from_treatment`` marks them, so that
+a Keras stream leaves them out).
+
 Actions that need the code itself (``scale_targets``, ``check_data``, ``reduce_depth``) are not
 applicable; :func:`applicable` says why.
 """
@@ -23,6 +28,7 @@ from torch import nn
 
 from . import surgery
 from .errors import GradwatchError
+from .keras_treatment import OPTIMIZER_NAMES, KerasTreatment
 from .objects import live_instances
 from .guards import ClipNorm, ClipValue, Guard, Rollback, SkipNonFinite
 
@@ -47,6 +53,17 @@ class TreatmentRefused(BaseException):
 
 
 _live = live_instances
+
+
+_keras_types: dict[type, bool] = {}
+
+
+def _is_keras(module: nn.Module) -> bool:
+    """A Keras layer or model (on the torch backend they are modules too), by class, cached."""
+    known = _keras_types.get(type(module))
+    if known is None:
+        known = _keras_types[type(module)] = surgery.is_keras_model(module)
+    return known
 
 
 def _check_remedy(r: Any) -> dict[str, Any]:
@@ -80,10 +97,9 @@ def guards_for(remedies: Iterable[dict[str, Any]]) -> list[Guard]:
             out.append(SkipNonFinite())
         elif a == "rollback":
             out.append(Rollback(lr_factor=args.get("lr_factor", 0.5), skip_batches=args.get("skip_batches", 0)))
+    for g in out:
+        g.from_treatment = True  # type: ignore[attr-defined]  # torch optimizers only (see gradwatch.keras_torch)
     return out
-
-
-_OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad"}
 
 
 class Treatment:
@@ -102,6 +118,7 @@ class Treatment:
         self._undo: list[Any] = []
         self._stepped: set[int] = set()
         self._done_surgery = False
+        self._keras = KerasTreatment(self.remedies, self.log)
 
     # -- install / uninstall ----------------------------------------------------------------------
 
@@ -120,6 +137,7 @@ class Treatment:
                 h = register_module_forward_pre_hook(self._first_forward)
                 self._forward_hook = h
                 self._undo.append(h.remove)
+            self._undo.append(self._keras.install().uninstall)
         except BaseException:
             self.uninstall()
             raise
@@ -138,9 +156,9 @@ class Treatment:
     # -- optimizer classes ------------------------------------------------------------------------
 
     def _swap_optimizer_classes(self, args: dict[str, Any]) -> None:
-        name = _OPTIMIZER_NAMES.get(str(args.get("name", "Adam")).lower())
+        name = OPTIMIZER_NAMES.get(str(args.get("name", "Adam")).lower())
         if name is None:
-            raise GradwatchError(f"set_optimizer knows {', '.join(_OPTIMIZER_NAMES.values())}; got {args.get('name')!r}.")
+            raise GradwatchError(f"set_optimizer knows {', '.join(OPTIMIZER_NAMES.values())}; got {args.get('name')!r}.")
         target: type[torch.optim.Optimizer] = getattr(torch.optim, name)
         options = {k: v for k, v in args.items() if k != "name"}
         log = self.log
@@ -200,6 +218,8 @@ class Treatment:
     # -- first forward: surgery -----------------------------------------------------------------
 
     def _first_forward(self, module: nn.Module, args: Any) -> None:
+        if _is_keras(module):
+            return  # a Keras layer on the torch backend: the Keras part operates on its model
         trainable = {id(p) for p in module.parameters() if p.requires_grad}
         if self._done_surgery or not trainable:
             return  # wait for the model (a parameter-free or frozen module may run first)
