@@ -121,6 +121,27 @@ def test_vanishing_profile_names_the_starved_layers() -> None:
     assert f.last_step <= 99  # reported within the first 100 steps
 
 
+def test_the_zero_gradients_of_a_run_wrecked_by_nan_are_not_vanishing() -> None:
+    """After the weights go NaN, JAX's ReLU passes 0 back to the input side: that is the wreck, not
+    the flow. The profile is judged on the steps before the first non-finite value, and a real
+    starvation there is still found."""
+    run = healthy()
+    run.step["loss"][8:] = np.inf
+    run.step["grad_norm"][8:] = np.nan
+    run.layer["grad_rms"][8:, :2] = 0.0
+    run.layer["grad_rms"][8:, 2:] = np.nan
+    assert "vanishing_gradients" not in kinds(run)
+    run.layer["grad_rms"][:8, 0] = 1e-5
+    assert "vanishing_gradients" in kinds(run)
+    amp = healthy()  # AMP's scaler skipping an overflowing step does not end the judged window
+    amp.step["grad_norm"][3] = np.inf
+    amp.step["amp_skipped"][:] = 0
+    amp.step["amp_skipped"][3] = 1
+    amp.layer["grad_rms"][:, 0] = 1e-5
+    f = next(f for f in gw.diagnose(amp) if f.kind == "vanishing_gradients")
+    assert f.last_step == 99
+
+
 def test_exact_zero_gradients_are_dead_units_not_vanishing() -> None:
     run = healthy()
     run.layer["grad_zero_frac"][::10, 1] = 0.75  # 12 of 16 ReLU units get no gradient: never active

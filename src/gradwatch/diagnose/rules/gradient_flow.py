@@ -26,6 +26,8 @@ VANISH_REL_SATURATING = 0.1
 VANISH_INPUT_MAX = 0.5
 #: ... and below this it is an error: three orders of magnitude, nothing reaches the input side.
 VANISH_REL_ERROR = 1e-3
+#: Fewer finite steps than this before the first non-finite one: too few to judge the flow on.
+VANISH_MIN_STEPS = 5
 
 #: No gradient: the share of the steps, from some step to the end of the run, whose gradients are
 #: all exactly zero (one noisy step does not end it), over at least NO_GRADIENT_MIN_STEPS steps.
@@ -145,6 +147,22 @@ def ungraded_layers(run: RunLike) -> Finding | None:
     )
 
 
+def _first_nonfinite_row(run: RunLike) -> int | None:
+    """The first row whose loss, gradient norm or any layer's weight norm is not finite; None if none."""
+    bad = np.zeros(len(run.steps), dtype=bool)
+    for name in ("loss", "grad_norm"):
+        series = run.step_series(name)
+        bad |= np.isinf(series) | (np.isnan(series) & ~np.isnan(series).all())  # all-NaN: not recorded
+    weights = run.layer_series("weight_norm")
+    if weights.size:
+        bad |= np.isinf(weights).any(axis=1)
+    # A step that AMP's scaler or a guard skipped did not touch the weights: the run goes on whole.
+    for name in ("amp_skipped", "skipped"):
+        bad &= ~(np.nan_to_num(run.step_series(name), nan=0.0) > 0)
+    rows = np.flatnonzero(bad)
+    return int(rows[0]) if rows.size else None
+
+
 def vanishing(run: RunLike) -> Finding | None:
     """The gradient-flow profile, in execution order: the input-side layer gets < VANISH_REL of the
     output layer's gradient RMS early in training (the first EARLY_STEPS steps, or all of a shorter
@@ -156,6 +174,13 @@ def vanishing(run: RunLike) -> Finding | None:
     if no_gradient_rows(run)[0]:
         return None  # no gradient at all: no_gradient() says why
     window = early(run)
+    # Once a loss, gradient or weight is non-finite, what follows is the wreck (a NaN weight passes
+    # no gradient back through it), not the flow of a training: judge only the steps before it.
+    broken = _first_nonfinite_row(run)
+    if broken is not None:
+        if broken < VANISH_MIN_STEPS:
+            return None
+        window = slice(0, min(window.stop, broken))
     ids, rel = flow_profile(run, window)
     if len(ids) < 2 or not np.isfinite(rel[:-1]).any():
         return None
