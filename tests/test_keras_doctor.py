@@ -317,3 +317,26 @@ def test_a_subclassed_model_compiled_before_it_is_built_is_operated_on_at_fit(tm
 def test_a_bad_remedy_is_one_sentence() -> None:
     with pytest.raises(gw.GradwatchError, match="set_optimizer knows Adam, AdamW, SGD, RMSprop, Adagrad; got 'Lamb'"):
         Treatment([{"action": "set_optimizer", "args": {"name": "Lamb"}}])
+
+
+def test_seeded_runs_of_a_tensorflow_script_are_the_same_run(tmp_path: Path) -> None:
+    """doctor compares trials from one seed: `gradwatch run --seed` seeds TensorFlow's global seed too
+    when the script imports it, or fit()'s shuffle (tf.data) differs from run to run."""
+    if backend_error("tensorflow") is not None:
+        pytest.skip("Keras on TensorFlow is not installed")
+    script = tmp_path / "fit.py"
+    script.write_text("import keras, numpy as np\n"
+                      "x = np.random.normal(size=(256, 4)).astype('float32'); y = (x[:, :1] > 0).astype('float32')\n"
+                      "L = keras.layers\n"
+                      "m = keras.Sequential([keras.Input((4,)), L.Dense(8, activation='tanh'), L.Dense(1)])\n"
+                      "m.compile('sgd', 'mse')\n"
+                      "m.fit(x, y, batch_size=16, epochs=2, shuffle=True, verbose=0)\n")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "GRADWATCH_REPORT": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [subprocess.Popen([sys.executable, "-m", "gradwatch", "run", "--seed", "3", "--no-report", "--out",
+                               str(tmp_path / f"run{i}"), str(script)], env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:] if p.stderr else ""
+    a, b = gw.load_run(tmp_path / "run0"), gw.load_run(tmp_path / "run1")
+    assert len(a.steps) == 32
+    np.testing.assert_array_equal(a.step_series("loss"), b.step_series("loss"))

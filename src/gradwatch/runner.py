@@ -37,7 +37,7 @@ from .global_hooks import GlobalHooks, LossCapture, StepLimitReached, find_owner
 from .guards.base import GuardStop
 from .script_clips import ScriptClips
 from .session import default_out
-from .trainer_hooks import KerasHooks, TrainerHooks
+from .trainer_hooks import AfterImport, KerasHooks, TrainerHooks
 from .treatment import TreatmentRefused
 from .watch import Watch
 
@@ -79,7 +79,8 @@ def run_script(
 
     Args:
         max_steps: stop the script (cleanly, exit code 0) after this many optimizer steps.
-        seed: seed Python's, numpy's and torch's generators before the script starts.
+        seed: seed Python's, numpy's and torch's generators before the script starts, and
+            TensorFlow's global seed as soon as the script imports it.
         treatment: a :class:`~gradwatch.treatment.Treatment` installed while the script runs
             (remedies applied from outside; its guards join the watch's).
     Returns:
@@ -110,6 +111,8 @@ def run_script(
         with contextlib.ExitStack() as stack:
             if treatment is not None:
                 stack.enter_context(treatment)  # first: its hooks run before the watch's
+            if seed is not None:  # TensorFlow's own ops (tf.data's shuffle in Keras' fit) draw from its global seed
+                stack.enter_context(AfterImport({"tensorflow": lambda tf: tf.random.set_seed(seed)}))
             clips = ScriptClips(w)
             hooks = stack.enter_context(GlobalHooks(w, max_steps, clips))
             stack.enter_context(clips)
