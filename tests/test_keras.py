@@ -49,7 +49,9 @@ def test_seed004_sigmoid_mlp_vanishes(tmp_path: Path) -> None:
     model.compile(optimizer="rmsprop", loss="binary_crossentropy", metrics=["acc"])
     cb, run = _fit(model, x, y, tmp_path / "sig", epochs=10)
     assert len(run.steps) == 10 * 32 and run.streams[0]["optimizer"] == "keras.RMSprop"
-    assert run.layers[0].name == "sequential/sigmoid1/kernel" and run.layers[0].activation == "Sigmoid"
+    # Keras variable paths: the model's name (sequential, sequential_1... by how many came before in
+    # this process), the layer's, the variable's.
+    assert run.layers[0].name == f"{model.name}/sigmoid1/kernel" and run.layers[0].activation == "Sigmoid"
     assert "vanishing_gradients" in {f.kind for f in cb.findings}
     assert np.isfinite(run.step_series("loss")).all()
 
