@@ -149,10 +149,12 @@ def ungraded_layers(run: RunLike) -> Finding | None:
 
 def _first_nonfinite_row(run: RunLike) -> int | None:
     """The first row whose loss, gradient norm or any layer's weight norm is not finite; None if none."""
-    bad = np.zeros(len(run.steps), dtype=bool)
-    for name in ("loss", "grad_norm"):
-        series = run.step_series(name)
-        bad |= np.isinf(series) | (np.isnan(series) & ~np.isnan(series).all())  # all-NaN: not recorded
+    loss = run.step_series("loss")
+    logged = np.nan_to_num(run.step_series("loss_logged"), nan=0.0) > 0  # NaN where no loss was given
+    bad = (logged & ~np.isfinite(loss)) | np.isinf(run.step_series("grad_norm"))
+    flags = run.layer_series("grad_nonfinite")  # 1 where a layer's gradient held NaN/Inf
+    if flags.size:
+        bad |= (np.nan_to_num(flags, nan=0.0) > 0).any(axis=1)
     weights = run.layer_series("weight_norm")
     if weights.size:
         bad |= np.isinf(weights).any(axis=1)
