@@ -12,7 +12,6 @@ SGD(0.01, momentum 0.9), binary cross-entropy. It prints the validation accuracy
 import argparse
 
 import keras
-import numpy as np
 from sklearn.datasets import make_circles
 from sklearn.preprocessing import MinMaxScaler
 
