@@ -222,6 +222,17 @@ def test_histograms_bin_every_element_by_its_exponent(tmp_path: Path) -> None:
     assert zero[0] == pytest.approx(np.mean(ref.grads[0][i] == 0)) and zero[0] >= 1 / big.numel()
 
 
+def test_the_accelerator_histogram_counts_as_bincount_does() -> None:
+    """Off the CPU the exponent counts come from histc over a fixed range (CUDA's bincount reads its
+    input's max on the host: a sync per call); the counts must be bincount's, every bin, edges included."""
+    from gradwatch.probe.kernels import EXP_BINS, device_counts
+
+    exp = torch.randint(0, EXP_BINS, (300_000,), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    exp[:7], exp[7:11] = EXP_BINS - 1, 0  # both outer bins
+    assert torch.equal(device_counts(exp), torch.bincount(exp, minlength=EXP_BINS))
+    assert torch.equal(device_counts(exp[:0]), torch.zeros(EXP_BINS, dtype=torch.int64))
+
+
 # ------------------------------------------------------------------------------ host syncs
 
 SYNC_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.item.default}

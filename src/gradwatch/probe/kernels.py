@@ -128,6 +128,15 @@ def exact_moments(x: torch.Tensor, scratch: torch.Tensor, scratch64: torch.Tenso
     return total, (torch.linalg.vector_norm(torch.stack(sq)) if len(sq) > 1 else sq[0])
 
 
+def device_counts(exp: torch.Tensor) -> torch.Tensor:
+    """``bincount(exp, minlength=EXP_BINS)`` without waiting for the device: CUDA's ``bincount`` reads
+    ``exp.max()`` on the host to size its result (a sync per call, two per layer on a sampled step,
+    seen with ``torch.cuda.set_sync_debug_mode``); ``histc`` over the fixed range ``[0, EXP_BINS)``
+    has unit-wide bins and never reads a value back. Its float32 counts are exact: a chunk holds at
+    most ``_CHUNK`` < 2**24 values."""
+    return torch.histc(exp.to(torch.float32), bins=EXP_BINS, min=0, max=EXP_BINS).to(torch.int64)
+
+
 def exponent_counts(g: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """Counts of the float32 exponent field of every element: a log2 histogram of |g| from the bits
     (integer shift and mask into a scratch, then bincount; no log, no float compare)."""
@@ -136,6 +145,6 @@ def exponent_counts(g: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     for c in _chunks(g):
         c32 = c if c.dtype == torch.float32 else c.to(torch.float32)
         exp = torch.bitwise_right_shift(c32.view(torch.int32), 23, out=bits[: c32.numel()]).bitwise_and_(0xFF)
-        part = torch.bincount(exp, minlength=EXP_BINS)
+        part = torch.bincount(exp, minlength=EXP_BINS) if exp.device.type == "cpu" else device_counts(exp)
         counts = part if counts is None else counts + part
     return counts if counts is not None else torch.zeros(EXP_BINS, dtype=torch.int64, device=g.device)
