@@ -10,7 +10,7 @@ import numpy as np
 from .. import remedies as R
 from ..facts import SATURATING, RunLike, early, first_stream, fmt, head, nanmedian, progress, streams
 from ...findings import Finding, Remedy
-from .common import first_row, no_gradient_rows
+from .common import first_nonfinite_row, first_row, no_gradient_rows
 from .output import MISMATCH_CAUSES, zero_gradient_cause
 
 #: Gradient-flow profile: a layer receiving less than this fraction of the last weight layer's
@@ -147,24 +147,6 @@ def ungraded_layers(run: RunLike) -> Finding | None:
     )
 
 
-def _first_nonfinite_row(run: RunLike) -> int | None:
-    """The first row whose loss, gradient norm or any layer's weight norm is not finite; None if none."""
-    loss = run.step_series("loss")
-    logged = np.nan_to_num(run.step_series("loss_logged"), nan=0.0) > 0  # NaN where no loss was given
-    bad = (logged & ~np.isfinite(loss)) | np.isinf(run.step_series("grad_norm"))
-    flags = run.layer_series("grad_nonfinite")  # 1 where a layer's gradient held NaN/Inf
-    if flags.size:
-        bad |= (np.nan_to_num(flags, nan=0.0) > 0).any(axis=1)
-    weights = run.layer_series("weight_norm")
-    if weights.size:
-        bad |= np.isinf(weights).any(axis=1)
-    # A step that AMP's scaler or a guard skipped did not touch the weights: the run goes on whole.
-    for name in ("amp_skipped", "skipped"):
-        bad &= ~(np.nan_to_num(run.step_series(name), nan=0.0) > 0)
-    rows = np.flatnonzero(bad)
-    return int(rows[0]) if rows.size else None
-
-
 def vanishing(run: RunLike) -> Finding | None:
     """The gradient-flow profile, in execution order: the input-side layer gets < VANISH_REL of the
     output layer's gradient RMS early in training (the first EARLY_STEPS steps, or all of a shorter
@@ -178,7 +160,7 @@ def vanishing(run: RunLike) -> Finding | None:
     window = early(run)
     # Once a loss, gradient or weight is non-finite, what follows is the wreck (a NaN weight passes
     # no gradient back through it), not the flow of a training: judge only the steps before it.
-    broken = _first_nonfinite_row(run)
+    broken = first_nonfinite_row(run)
     if broken is not None:
         if broken < VANISH_MIN_STEPS:
             return None

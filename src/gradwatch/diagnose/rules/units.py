@@ -13,7 +13,7 @@ from ..facts import (
     weight_layers,
 )
 from ...findings import Finding
-from .common import no_gradient_rows
+from .common import first_nonfinite_row, no_gradient_rows
 
 #: Dead units: share of a layer's units whose gradient is exactly zero on every sampled step.
 DEAD_FRACTION = 0.5
@@ -44,6 +44,9 @@ def dead_units(run: RunLike) -> Finding | None:
         return None  # no gradient anywhere: no_gradient() says why, and the units are not the cause
     zero = run.layer_series("grad_zero_frac")
     act_dead = run.layer_series("act_dead_frac")
+    broken = first_nonfinite_row(run)
+    if broken is not None:  # units judged up to the wreck, not in it (their dying before it still counts)
+        zero, act_dead = zero[:broken], act_dead[:broken]
     heads = head_layers(run)
     tapped = _tapped_layers(run, act_dead)
     names = {layer.name for layer in run.layers}
