@@ -152,6 +152,19 @@ def test_exact_zero_gradients_are_dead_units_not_vanishing() -> None:
     assert "dead_units" in found and "vanishing_gradients" not in found
 
 
+def test_units_silenced_by_nan_are_not_dead_but_units_dead_before_it_are() -> None:
+    run = healthy()
+    run.step["loss"][:] = 0.69
+    run.step["loss"][120:] = np.nan  # the run goes NaN at step 120; ReLUs of NaN never fire after it
+    run.step["grad_norm"][120:] = np.nan
+    run.layer["grad_nonfinite"][120:] = 1
+    run.layer["grad_zero_frac"][120::10, 1] = 0.95
+    assert "dead_units" not in kinds(run)
+    run.layer["grad_zero_frac"][60::10, 1] = 0.95  # dead from step 60, six sampled steps before the NaN
+    f = next(f for f in gw.diagnose(run) if f.kind == "dead_units")
+    assert f.first_step == 60 and f.layers == ["0.weight"]  # column 1 is 0.bias: its units
+
+
 def test_a_loss_spike_is_found_by_its_robust_z_score() -> None:
     run = healthy()
     run.step["loss"][120] = 50.0
