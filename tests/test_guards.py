@@ -401,7 +401,10 @@ def test_guards_do_not_sync(tmp_path: Path, name: str, fused: bool) -> None:
     inj = FaultInjector(model, opt, {3: "nan", 9: 1e30}, seed=4)
     x, y = _data(4)
     per_step: list[int] = []
-    with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False, guards=[GUARDS[name]()], flush_every=7) as w:
+    # forensics=False: the guards' own reads are counted here; forensics replays the first faulty step
+    # on purpose, reading values then (its healthy steps make none: tests/test_forensics.py).
+    with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False, guards=[GUARDS[name]()], flush_every=7,
+                  forensics=False) as w:
         _count_syncs_in_hooks(w, per_step)
         for _ in range(20):
             loss = ((model(x) - y) ** 2).mean()
@@ -591,7 +594,8 @@ def test_skip_with_stateless_sgd_never_syncs(tmp_path: Path) -> None:
     FaultInjector(model, opt, {0: "nan", 4: "inf"}, seed=13)
     per_step: list[int] = []
     x, y = _data(13)
-    with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False, guards=[SkipNonFinite()]) as w:
+    with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False, guards=[SkipNonFinite()],
+                  forensics=False) as w:  # the guard's reads only (forensics replays its first faulty step)
         _count_syncs_in_hooks(w, per_step)
         for _ in range(8):
             loss = ((model(x) - y) ** 2).mean()

@@ -43,6 +43,9 @@ def _add_watch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flush-every", type=_positive_int, default=50, metavar="N", help="steps per device->host copy (default 50)")
     g.add_argument("--sample-every", type=_positive_int, default=50, metavar="N",
                    help="steps between full statistics; the gradient norm is recorded every step (default 50)")
+    g.add_argument("--forensics", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the first non-finite step to find the module, op and samples it came from "
+                        "(PyTorch; on by default; docs/nan.md)")
 
 
 def _non_negative_int(text: str) -> int:
@@ -115,6 +118,7 @@ def _watch_options(ns: argparse.Namespace) -> dict:
         "overwrite": ns.overwrite,
         **({"report": False} if ns.no_report else {}),
         **({"tensorboard": ns.tensorboard} if ns.tensorboard else {}),
+        **({"forensics": ns.forensics} if ns.forensics is not None else {}),
     }
 
 

@@ -128,10 +128,11 @@ def session_for(out: Any, options: dict[str, Any]) -> ArraySession:
         raise GradwatchError(f"gradwatch's guards act on torch optimizers; on {BACKEND}, use Keras' clipnorm, "
                              "global_clipnorm or clipvalue.")
     config = ProbeConfig(flush_every=options.pop("flush_every", 50), sample_every=options.pop("sample_every", 50))
+    options.pop("forensics", None)  # the replay of a non-finite step is PyTorch's (docs/nan.md): nothing to arm here
     unknown = sorted(set(options) - set(_SESSION_OPTIONS))
     if unknown:
         raise GradwatchError(f"unknown option {unknown[0]!r} for Keras on {BACKEND}; "
-                             f"known: flush_every, sample_every, {', '.join(_SESSION_OPTIONS)}.")
+                             f"known: flush_every, sample_every, forensics, {', '.join(_SESSION_OPTIONS)}.")
     return ArraySession(out, config=config, framework=framework_info(), **options)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import amp, shutdown
+from .forensics import window_nonfinite
 from .guards.base import GuardChain, GuardSetup, GuardStep, GuardStop, say_to_stderr
 from .probe.torch import ProbeConfig, TorchProbe
 from .store import Chunk, LayerInfo
@@ -65,6 +66,8 @@ class TorchStream:
         self.call = StepCall(optimizer, quiet)
         #: The last step this stream has stored (-1: none yet).
         self.stored_through = -1
+        #: Where the first non-finite value came from (:func:`gradwatch.forensics.arm`), or None when off.
+        self.forensics: Any = None
 
     # -- what the session asks (gradwatch.session.Stream) ------------------------------------------
 
@@ -107,6 +110,10 @@ class TorchStream:
                         grad_scale = grad_scale.detach().reshape(()).to(self.probe.device, torch.float32)
                         # A fused optimizer unscales inside its kernel: guards judge unscaled norms.
                         inputs = inputs.unscaled(grad_scale)
+                if self.forensics is not None:  # before the guards: the gradients as backward left them
+                    found = getattr(self.optimizer, "found_inf", None) if scaler is not None else None
+                    self.forensics.at_step(self.probe.step - 1, self.probe.step_norms,
+                                           found if isinstance(found, torch.Tensor) else None)
                 if self.guards is not None:
                     self._run_guards(inputs, grad_scale)
             except GuardStop:
@@ -157,6 +164,8 @@ class TorchStream:
             return
         with shutdown.critical:
             try:
+                if self.forensics is not None:
+                    self.forensics.drop_step()
                 self._probe_step(staged_loss, staged_fn)
                 self.probe.record_amp(amp.scale_of(scaler), True)
                 self.probe.on_after_optimizer_step()
@@ -283,6 +292,8 @@ class TorchStream:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        if self.forensics is not None:
+            self.forensics.close(self.probe.step)
         self.probe.remove_hooks()
         if self.owner is not None:
             release(self.optimizer, self.owner)
@@ -292,6 +303,8 @@ class TorchStream:
         """A flushed window: store it, note what it says about the model (``layer_ids``: the
         stream's layers, when this process writes), let the guards decide what waits for the host."""
         self.store(chunk, where)
+        if self.forensics is not None and not self.forensics.done:
+            self.forensics.poll(self.probe.step)  # a step that reached the host: before the diagnosis reads it
         facts = self.new_model_facts(layer_ids) if layer_ids is not None else None
         if facts:
             try:
@@ -299,6 +312,8 @@ class TorchStream:
             except Exception as e:  # a fact is not worth a run: say so, record on
                 print(f"gradwatch: could not record the model's layer order ({type(e).__name__}: {e}).",
                       file=sys.stderr)
+        if self.forensics is not None and self.probe.last_flush_reduced and not self.failed:
+            self.forensics.exchange(window_nonfinite(chunk.layer_values), self.probe.step)
         if self.guards is not None:
             self.guards.on_window(chunk)
 

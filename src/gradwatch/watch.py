@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import amp
+from .forensics import arm as arm_forensics
 from .errors import GradwatchError
 from .guards.base import Guard, GuardStop, as_guard_list
 from .probe.distributed import process_rank
@@ -54,6 +55,8 @@ class Watch(RunSession):
             integrations add each optimizer with :meth:`add_optimizer` once their framework has made it.
         summary: print the end-of-run summary (sparklines and findings) when closing; default: yes,
             except with ``attach_later`` (``gradwatch run`` prints a fuller one itself).
+        forensics: localise the first non-finite step (the module, op and samples it came from) by
+            replaying it; healthy steps only keep references to their inputs (docs/nan.md).
 
     Use it as a context manager (hooks attach on enter and detach on exit), or call
     :meth:`attach` and :meth:`close` yourself.
@@ -80,9 +83,12 @@ class Watch(RunSession):
         guards: Sequence[Guard] | Guard | None = None,
         attach_later: bool = False,
         summary: bool | None = None,
+        forensics: bool = True,
     ):
         if model is not None and not isinstance(model, nn.Module):
             raise GradwatchError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if not isinstance(forensics, bool):
+            raise GradwatchError(f"forensics must be True or False; got {forensics!r}.")
         optimizers = _as_optimizer_list(optimizer)
         if not optimizers and not attach_later:
             raise GradwatchError(
@@ -95,7 +101,9 @@ class Watch(RunSession):
         self.config = ProbeConfig(flush_every=flush_every, sample_every=sample_every)
         super().__init__(out, overwrite=overwrite, quiet=quiet, diagnose_online=diagnose_online, report=report,
                          tensorboard=tensorboard, summary=(not attach_later) if summary is None else summary,
-                         options=asdict(self.config), framework=framework_info, rank=process_rank)
+                         options={**asdict(self.config), "forensics": forensics}, framework=framework_info,
+                         rank=process_rank)
+        self._forensics = forensics
         self._guards = as_guard_list(guards)
         # Fresh copies for further optimizers, taken before the first stream's guards hold any state.
         self._guard_templates = copy.deepcopy(self._guards)
@@ -173,7 +181,7 @@ class Watch(RunSession):
         key = id(optimizer)
         if key in self._streams:
             return self._streams[key]
-        model = unwrap_model(model)
+        raw, model = model, unwrap_model(model)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if not params:
             raise GradwatchError(f"the optimizer {type(optimizer).__name__} has no parameters; there is nothing to watch.")
@@ -198,6 +206,10 @@ class Watch(RunSession):
             # The first optimizer uses the guard objects given (so their counters can be read back).
             s.guard_with(self._guards if not self._streams else copy.deepcopy(self._guard_templates), model, layers,
                          params, self.quiet)
+        if self._forensics and layer_table is None:  # a torch model (Keras names its own variables)
+            why = arm_forensics(s, raw, model, params, [x.name for x in layers],
+                                lambda f: self._update_stream(s.index, {"forensics": f}))
+            self._update_stream(s.index, {"forensics": {"armed": why is None, "replay_note": why}})
         if hooks:
             s.claim(self)
         self._streams[key] = s

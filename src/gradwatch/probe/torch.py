@@ -115,6 +115,10 @@ class TorchProbe:
         self.keep_step_inputs = False
         #: This step's gradients and their norms, for guards.
         self.step_inputs = StepInputs([], [], [], None)
+        #: This step's per-layer gradient norms, one device tensor per (device, dtype) group (forensics).
+        self.step_norms: list[torch.Tensor] = []
+        #: Whether the last flush summed its window over the ranks.
+        self.last_flush_reduced = False
 
         self._rows = 0  # rows of the ring in use
         self.step = 0  # optimizer steps seen
@@ -184,12 +188,14 @@ class TorchProbe:
         all_params: list[torch.Tensor] = []
         all_grads: list[torch.Tensor] = []
         all_norms: list[torch.Tensor] = []
+        self.step_norms = step_norms = []
         for gi, group in enumerate(self._groups):
             ids, params, grads = group.gradients()
             host.present[row, ids] = True
             key = (gi, tuple(ids))
             if grads:
                 norms = self._put(ring_row, "g_norm", key, ids, l2_norms(grads))
+                step_norms.append(norms)
                 if self.keep_step_inputs:
                     all_ids += ids
                     all_params += params
@@ -360,6 +366,7 @@ class TorchProbe:
                   file=sys.stderr)
         if self._reducer is not None and not reduce:
             self.local_windows.append((int(host.steps[0]), int(host.steps[n - 1])))
+        self.last_flush_reduced = self._reducer is not None and reduce
         if self._reducer is not None and reduce:
             # One all_reduce of the window over the ranks; its result crosses to the host once.
             sampled_rows = host.hist_rows(n).tolist()  # sync-ok: numpy
