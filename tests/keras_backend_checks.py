@@ -210,9 +210,30 @@ def check_activations(out: Path) -> dict[str, Any]:
             for k in ("act_dead_frac", "act_sat_frac", "act_const_frac")}
 
 
+def check_log_to(out: Path) -> dict[str, Any]:
+    """fit() with log_to="tensorboard": the live events' global gradient norm, beside the stored run's."""
+    import types
+
+    x, y = data()
+    model = mlp("relu", 2)
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0,
+              callbacks=[GradWatch(out / "live", flush_every=5, log_to="tensorboard", **OPTS)])
+    run = gw.load_run(out / "live")
+    if "tensorflow" not in sys.modules:  # the reader works without TensorFlow; do not import it for this
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(out / "live" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("grad_norm")
+    return {"steps": run.steps.tolist(), "norms": run.step_series("grad_norm").tolist(),
+            "tb_steps": [e.step for e in events], "tb_norms": [e.value for e in events]}
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1])
     result = {"backend": BACKEND, "fit": check_fit(root), "loop": check_loop(root), "crash": check_crash(root),
               "refit": check_refit(root),
-              "acts": check_activations(root)}
+              "acts": check_activations(root), "log_to": check_log_to(root)}
     print("RESULT " + json.dumps(result))

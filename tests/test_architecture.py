@@ -16,7 +16,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("store", ("store",)),
     ("diagnose", ("diagnose",)),
     ("report", ("report",)),
-    ("session", ("session", "shutdown", "finish")),
+    ("session", ("session", "shutdown", "finish", "sinks_hub", "sinks_window")),
+    ("sinks", ("sinks",)),
     ("framework side", ("frameworks", "objects", "amp", "probe", "guards", "torch_step", "torch_stream", "watch",
                         "treatment", "surgery", "runner", "global_hooks", "script_clips", "trainer_hooks", "keras",
                         "keras_torch", "keras_compiled", "keras_sessions", "keras_treatment", "array_stream", "optax",
@@ -27,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 CORE = {"base", "findings", "store", "diagnose", "report", "session"}
 FRAMEWORKS = ("torch", "keras", "tensorflow", "jax", "flax", "optax", "lightning", "pytorch_lightning",
-              "transformers", "accelerate")
+              "transformers", "accelerate", "wandb", "mlflow")
 
 
 def module_name(path: Path) -> str:

@@ -118,6 +118,13 @@ def test_fitting_again_records_the_new_steps_and_does_not_grow_the_state(backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_log_to_tensorboard_logs_the_stored_run_live(backend: str, root: str) -> None:
+    live = checks(backend, root)["log_to"]
+    assert live["tb_steps"] == live["steps"] and len(live["steps"]) == 20
+    np.testing.assert_allclose(live["tb_norms"], live["norms"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_activation_statistics_come_from_the_layers_torch_taps(backend: str, root: str) -> None:
     acts = checks(backend, root)["acts"]  # kernels of: sigmoid N(0, 3), Dense + Activation("relu") never firing, tanh, output
     assert acts["act_dead_frac"] == [0.0, 1.0, 1.0, 0.0]

@@ -43,6 +43,9 @@ def _add_watch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flush-every", type=_positive_int, default=50, metavar="N", help="steps per device->host copy (default 50)")
     g.add_argument("--sample-every", type=_positive_int, default=50, metavar="N",
                    help="steps between full statistics; the gradient norm is recorded every step (default 50)")
+    g.add_argument("--log-to", metavar="SINKS",
+                   help="also log live, at every flush, to tensorboard, wandb and/or mlflow (comma-separated; "
+                        "extras: tensorboard, wandb, mlflow; docs/integrations.md)")
     g.add_argument("--forensics", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the first non-finite step to find the module, op and samples it came from "
                         "(PyTorch; on by default; docs/nan.md)")
@@ -119,6 +122,7 @@ def _watch_options(ns: argparse.Namespace) -> dict:
         **({"report": False} if ns.no_report else {}),
         **({"tensorboard": ns.tensorboard} if ns.tensorboard else {}),
         **({"forensics": ns.forensics} if ns.forensics is not None else {}),
+        **({"log_to": ns.log_to} if ns.log_to else {}),
     }
 
 

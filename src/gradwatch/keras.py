@@ -227,7 +227,7 @@ class GradWatch(keras.callbacks.Callback):
 
     Args:
         out: run directory (default ``gradwatch-runs/keras-TIME``).
-        **watch_options: ``flush_every``, ``sample_every``, ``report``, ``quiet``, ``tensorboard``,
+        **watch_options: ``flush_every``, ``sample_every``, ``report``, ``quiet``, ``tensorboard``, ``log_to``,
             ``overwrite``, ``diagnose_online``, ``summary`` (as :class:`gradwatch.Watch`); ``guards``
             on the torch backend only (elsewhere use Keras' ``clipnorm``/``clipvalue``).
     """

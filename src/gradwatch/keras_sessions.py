@@ -101,7 +101,7 @@ def capture_jax_loss(model: Any, rec: Recorder) -> Any:
 
 
 #: What :class:`gradwatch.keras.GradWatch` passes on to the run (the rest of a watch's options are torch's).
-_SESSION_OPTIONS = ("overwrite", "quiet", "diagnose_online", "report", "tensorboard", "summary")
+_SESSION_OPTIONS = ("overwrite", "quiet", "diagnose_online", "report", "tensorboard", "summary", "log_to")
 
 
 def framework_info() -> dict[str, Any]:
@@ -259,6 +259,7 @@ class RunnerHooks:
             w = self.watch
             self.session = session_for(w.out, {"flush_every": w.config.flush_every, "sample_every": w.config.sample_every,
                                                "quiet": w.quiet, "report": w.report, "tensorboard": w.tensorboard,
+                                               "log_to": w.log_to,
                                                "summary": False, "overwrite": w.overwrite})
         return self.session
 

@@ -51,7 +51,7 @@ class GradWatch(Callback):
         watch: record into this open :class:`gradwatch.Watch` instead of starting a run per fit; it
             stays open after the fit (its owner closes it). ``gradwatch run`` passes its own.
         **watch_options: passed to :class:`gradwatch.Watch` (``flush_every``, ``sample_every``,
-            ``guards``, ``report``, ``quiet``, ...).
+            ``guards``, ``report``, ``quiet``, ``log_to=["tensorboard", "wandb", "mlflow"]``, ...).
     """
 
     def __init__(self, out: str | os.PathLike[str] | None = None, *, log_to_logger: bool = True,

@@ -56,7 +56,7 @@ __all__ = ["GuardStop", "WatchState", "Watched", "adaptive_grad_clip", "agc", "a
            "skip_nonfinite", "watch", "zclip"]
 
 _SESSION_OPTIONS = ("out", "flush_every", "sample_every", "overwrite", "quiet", "report", "tensorboard", "summary",
-                    "diagnose_online", "activations", "model")
+                    "diagnose_online", "log_to", "activations", "model")
 class WatchState(NamedTuple):
     """The optimizer state of a watched transformation."""
 
@@ -363,7 +363,7 @@ def watch(tx: Any, out: Any = None, **options: Any) -> Watched:
         tx: the optimizer (any ``optax.GradientTransformation``, chains and gradwatch's guards included).
         out: run directory (default ``gradwatch-runs/jax-TIME``).
         flush_every, sample_every: steps per device read; steps between full statistics.
-        overwrite, quiet, report, tensorboard, summary, diagnose_online: as :class:`gradwatch.Watch`.
+        overwrite, quiet, report, tensorboard, summary, diagnose_online, log_to: as :class:`gradwatch.Watch`.
         activations: layer-name prefix -> activation (``{"params/Dense_0": "sigmoid"}``, ``"*"``
             for every layer), for the diagnosis to name them.
         model: an NNX model, for the module types and the order the layers were defined in (found

@@ -25,6 +25,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from . import finish, shutdown
 from .errors import GradwatchError
+from .sinks_hub import SinkHub
 from .store import Chunk, LayerInfo, RunWriter, StreamWriter, load_run
 
 DEFAULT_ROOT = "gradwatch-runs"
@@ -128,7 +129,11 @@ class RunSession:
         quiet: print nothing.
         diagnose_online: diagnose the stored windows during the run and print each new problem once.
         report: write ``report.html`` at the end (default: yes, unless ``GRADWATCH_REPORT=0``).
-        tensorboard: also write TensorBoard event files into this directory at the end.
+        tensorboard: also write TensorBoard event files into this directory at the end (with ``log_to``'s
+            ``"tensorboard"``: as the run goes).
+        log_to: also log each flushed window and each finding, live, to ``"tensorboard"``, ``"wandb"``,
+            ``"mlflow"`` (names, a list, a dict of names to options, or :class:`gradwatch.sinks.Sink`
+            objects; :mod:`gradwatch.sinks_hub`).
         summary: print the end-of-run summary (sparklines and findings) when closing.
         options: the recording options stored in meta.json.
         framework: returns what meta.json says about the framework (called when the run starts).
@@ -148,6 +153,7 @@ class RunSession:
         report: bool | None = None,
         tensorboard: str | os.PathLike[str] | None = None,
         summary: bool = True,
+        log_to: Any = None,
         options: dict[str, Any] | None = None,
         framework: Callable[[], dict[str, Any]] | None = None,
         rank: Callable[[], int] | None = None,
@@ -167,6 +173,9 @@ class RunSession:
         #: Print the end-of-run summary when closing.
         self.print_summary = summary
         self.tensorboard = Path(tensorboard) if tensorboard is not None else None
+        #: Where the run is logged live (``log_to`` as given; checked now, started with the run directory).
+        self.log_to = log_to
+        self._sinks = SinkHub.of(log_to, self.tensorboard)
         #: The run's streams (see :class:`Stream`), by the id of what each was started for.
         self._streams: dict[int, Stream] = {}
         self._windows = 0
@@ -249,6 +258,8 @@ class RunSession:
             else:
                 self._writer = RunWriter(self.out, options=self._options, framework=self._framework(),
                                          overwrite=self._overwrite)
+                if self._sinks is not None:
+                    self._sinks.start(self.out, self._writer)
             _live.add(self)
             shutdown.acquire()
         return self._writer
@@ -298,19 +309,25 @@ class RunSession:
                 listener(chunk)
             except Exception as e:  # a logger must not cost the record
                 print(f"gradwatch: could not pass a window on ({type(e).__name__}: {e}).", file=sys.stderr)
+        if self._sinks is not None and self.writes and key in self._streams:
+            self._sinks.window(self._streams[key].index, chunk, self._stored_through())
         self._windows += 1
         w = self._windows
         # Every window at first, then at powers of two: online diagnosis stays O(n log n) overall.
-        # Quiet runs announce nothing, so they skip it; the final diagnosis runs either way.
-        if self.diagnose_online and not self.quiet and self.writes and (w <= ONLINE_EVERY_WINDOW_UNTIL or w & (w - 1) == 0):
+        # Quiet runs announce nothing, so they skip it unless sinks show it; the final diagnosis runs either way.
+        if (self.diagnose_online and (not self.quiet or self._sinks is not None) and self.writes
+                and (w <= ONLINE_EVERY_WINDOW_UNTIL or w & (w - 1) == 0)):
             self._diagnose_online()
 
     def _diagnose_online(self) -> None:
         upto = self._stored_through()
         if upto < 0:
             return  # a stream has nothing stored yet: diagnose at the next window, when it has
+        found: list[Any] = []
         self.diagnose_online = finish.diagnose_so_far(self.out, upto, self._several_streams(), self._announced,
-                                                      self.quiet)
+                                                      self.quiet, found)
+        if self._sinks is not None:  # the new ones, once each, to the live sinks
+            self._sinks.findings(found, upto)
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -329,6 +346,8 @@ class RunSession:
             if not self.quiet and self.writes:
                 print(self.nothing_recorded, file=sys.stderr)
             return
+        if self._sinks is not None:
+            self._sinks.closing()  # the last windows wait for room in a sink's queue from here on
         with shutdown.critical:
             try:
                 self._flush_streams(reduce)
@@ -346,11 +365,7 @@ class RunSession:
                 shutdown.release()
             if not self.writes:
                 return  # rank 0 diagnoses, reports and prints
-            self._findings = finish.final_diagnosis(self.out)
-            if self.report:
-                finish.write_report(self.out, self.quiet)
-            if self.tensorboard is not None:
-                finish.write_tensorboard(self.out, self.tensorboard, self.quiet)
+            self._findings = finish.end_of_run(self.out, status, self.report, self.tensorboard, self._sinks, self.quiet)
         if not self.quiet:
             print(f"gradwatch: recorded {self.steps} steps x {len(self._writer.layers)} layers -> {self.out}",
                   file=sys.stderr)
@@ -375,6 +390,11 @@ class RunSession:
         if not self._closed and self._can_flush_alone():
             self.flush()
         return load_run(self.out)
+
+    @property
+    def sinks(self) -> SinkHub | None:
+        """The live sinks (``log_to``): ``sinks.live`` those still logging, ``sinks.drain()`` waits for them."""
+        return self._sinks
 
     @property
     def findings(self) -> list[Any]:

@@ -90,7 +90,7 @@ class GradWatchCallback(TrainerCallback):
         watch: record into this open :class:`gradwatch.Watch` instead of starting a run per
             ``train()``; it stays open afterwards (its owner closes it). ``gradwatch run`` passes its own.
         **watch_options: passed to :class:`gradwatch.Watch` (``flush_every``, ``sample_every``,
-            ``guards``, ``report``, ``quiet``, ...).
+            ``guards``, ``report``, ``quiet``, ``log_to=["tensorboard", "wandb", "mlflow"]``, ...).
 
     After ``train()``: ``callback.findings`` holds the diagnosis and ``callback.run_dir`` the run.
     """

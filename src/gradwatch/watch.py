@@ -47,7 +47,10 @@ class Watch(RunSession):
         report: write ``report.html`` at the end (default: yes, unless the environment sets
             ``GRADWATCH_REPORT=0``).
         tensorboard: also write TensorBoard event files of the run into this directory at the end
-            (needs the ``tensorboard`` extra).
+            (needs the ``tensorboard`` extra); with ``log_to``'s ``"tensorboard"``, as the run goes.
+        log_to: also log every flushed window and each finding, live, to ``"tensorboard"``, ``"wandb"``
+            and/or ``"mlflow"``: a name, a comma-separated string, a list, a dict of names to options, or
+            :class:`gradwatch.sinks.Sink` objects (docs/integrations.md).
         guards: fixes applied at every step between backward and the optimizer step, in order
             (:mod:`gradwatch.guards`: ``ClipNorm(1.0)``, ``SkipNonFinite()``, ``ZClip()``, ...).
             Each optimizer gets its own copy after the first.
@@ -80,6 +83,7 @@ class Watch(RunSession):
         diagnose_online: bool = True,
         report: bool | None = None,
         tensorboard: str | os.PathLike[str] | None = None,
+        log_to: Any = None,
         guards: Sequence[Guard] | Guard | None = None,
         attach_later: bool = False,
         summary: bool | None = None,
@@ -100,7 +104,7 @@ class Watch(RunSession):
         model = unwrap_model(model)
         self.config = ProbeConfig(flush_every=flush_every, sample_every=sample_every)
         super().__init__(out, overwrite=overwrite, quiet=quiet, diagnose_online=diagnose_online, report=report,
-                         tensorboard=tensorboard, summary=(not attach_later) if summary is None else summary,
+                         tensorboard=tensorboard, log_to=log_to, summary=(not attach_later) if summary is None else summary,
                          options={**asdict(self.config), "forensics": forensics}, framework=framework_info,
                          rank=process_rank)
         self._forensics = forensics

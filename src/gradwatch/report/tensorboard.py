@@ -17,16 +17,21 @@ What is written, into one event file in ``logdir`` (read it with ``tensorboard -
 Values that were not computed (NaN) are skipped everywhere, so a sampled-only metric has events at
 the sampled steps alone; a NaN loss or gradient norm is skipped too (the diagnosis reports those).
 The step axis is the optimizer step. Needs the ``tensorboard`` package (``gradwatch[tensorboard]``);
-the writer is that package's own ``EventFileWriter`` and protobufs (neither torch nor tensorflow).
+the writer is that package's own ``RecordWriter`` and protobufs on a plain file (neither torch nor
+tensorflow is imported). :class:`EventWriter` also writes the live sink's events
+(``watch(..., log_to=["tensorboard"])``, ``gradwatch.sinks.tensorboard``) as each window is stored.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import socket
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from types import SimpleNamespace
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -40,6 +45,9 @@ DEFAULT_LAYER_METRICS: tuple[str, ...] = ("grad_norm", "grad_rms", "update_ratio
 _BOOKKEEPING = frozenset({"time", "sampled", "loss_logged"})
 
 HIST_TAG = "grad_log10_abs"
+
+_uids = itertools.count()
+
 
 _MISSING = (
     "TensorBoard export needs the tensorboard package; install it with `pip install gradwatch[tensorboard]`."
@@ -58,13 +66,9 @@ def _walltimes(run: Run) -> np.ndarray:
     return base + np.where(np.isfinite(t), t, 0.0)
 
 
-def _histogram(counts: np.ndarray, edges: np.ndarray) -> dict | None:
-    """``HistogramProto`` fields for one layer's stored counts, or None when there are none.
-
-    Empty bins at either end are dropped, so that TensorBoard, which takes a histogram's ``min`` as
-    the left edge of its first bucket and ``max`` as the right edge of its last, draws every bucket
-    exactly where gradwatch counted it.
-    """
+def finite_histogram(counts: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """One layer's stored counts without the empty bins at either end, and their edges with the open
+    outer ones made one bin width wide (float64); None when there are no counts."""
     if not np.all(np.isfinite(counts)) or counts.sum() <= 0:
         return None
     nz = np.flatnonzero(counts > 0)
@@ -72,15 +76,28 @@ def _histogram(counts: np.ndarray, edges: np.ndarray) -> dict | None:
     e = edges.astype(np.float64).copy()
     width = e[2] - e[1]
     e[0], e[-1] = e[1] - width, e[-2] + width
-    c = counts[lo:hi].astype(np.float64)
-    centres = (e[lo:hi] + e[lo + 1 : hi + 1]) / 2
+    return counts[lo:hi].astype(np.float64), e[lo : hi + 1]
+
+
+def _histogram(counts: np.ndarray, edges: np.ndarray) -> dict | None:
+    """``HistogramProto`` fields for one layer's stored counts, or None when there are none.
+
+    Empty bins at either end are dropped, so that TensorBoard, which takes a histogram's ``min`` as
+    the left edge of its first bucket and ``max`` as the right edge of its last, draws every bucket
+    exactly where gradwatch counted it.
+    """
+    h = finite_histogram(counts, edges)
+    if h is None:
+        return None
+    c, e = h
+    centres = (e[:-1] + e[1:]) / 2
     return dict(
-        min=float(e[lo]),
-        max=float(e[hi]),
+        min=float(e[0]),
+        max=float(e[-1]),
         num=float(c.sum()),
         sum=float((c * centres).sum()),
         sum_squares=float((c * centres**2).sum()),
-        bucket_limit=[float(x) for x in e[lo + 1 : hi + 1]],
+        bucket_limit=[float(x) for x in e[1:]],
         bucket=[float(x) for x in c],
     )
 
@@ -109,13 +126,7 @@ def export_tensorboard(
         GradwatchError: the tensorboard package is missing, a metric name is unknown, or ``logdir``
             already holds TensorBoard events and ``overwrite`` is false.
     """
-    try:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-    except ImportError:
-        raise GradwatchError(_MISSING) from None
-
+    tb = EventWriter.protos()  # the package is there (or one sentence says it is not) before any file is touched
     if not isinstance(run, Run):
         run = load_run(run)
     unknown = [m for m in layer_metrics if m not in LAYER_METRICS]
@@ -150,41 +161,96 @@ def export_tensorboard(
     }
     layer_values = {m: run.layer_series(m) for m in layer_metrics}
 
-    # One event per step carrying all of that step's scalars: the same records TensorBoard reads from
-    # add_scalar, at a seventh of the cost (a run has steps x layers x metrics of them).
-    writer = EventFileWriter(str(out), max_queue_size=1000, flush_secs=3600)
-
-    def add(values: list, step: int, walltime: float | None) -> None:
-        """One event holding ``values`` at ``step``; no wall time means now."""
-        event = Event(
-            wall_time=time.time() if walltime is None else walltime, step=step, summary=Summary(value=values)
-        )
-        writer.add_event(event)
-
+    writer = EventWriter(out, tb)
     try:
-        for row, step in enumerate(steps.tolist()):
-            values = [
-                Summary.Value(tag=m, simple_value=float(v[row]))
-                for m, v in step_values.items()
-                if not np.isnan(v[row])
-            ]
-            for m, v in layer_values.items():
-                line = v[row]
-                for i in np.flatnonzero(~np.isnan(line)).tolist():
-                    values.append(Summary.Value(tag=f"{m}/{names[i]}", simple_value=float(line[i])))
-            if values:
-                add(values, int(step), float(walltime[row]))
-
+        writer.scalars(steps, walltime, step_values, layer_values, names)
         if histograms:
             hsteps, counts, edges = run.histograms()
             rows = np.searchsorted(steps, hsteps)
-            for k, step in enumerate(hsteps.tolist()):
-                row = int(rows[k])
-                wt = float(walltime[row]) if row < len(steps) and steps[row] == step else None
-                for i, name in enumerate(names):
-                    h = _histogram(counts[k, i], edges)
-                    if h is not None:
-                        add([Summary.Value(tag=f"{HIST_TAG}/{name}", histo=HistogramProto(**h))], int(step), wt)
+            wt = [float(walltime[r]) if r < len(steps) and steps[r] == s else None
+                  for r, s in zip(rows.tolist(), hsteps.tolist())]
+            writer.histograms(hsteps, wt, counts, edges, names)
     finally:
         writer.close()
     return out
+
+
+class EventWriter:
+    """An event file in ``logdir``, written with the tensorboard package's own writer and protobufs:
+    the export above writes a whole run with it, the live sink (``gradwatch.sinks.tensorboard``)
+    each flushed window."""
+
+    @staticmethod
+    def protos() -> Any:
+        """The tensorboard package's event protobufs and record writer (one sentence if it is missing)."""
+        try:
+            from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+            from tensorboard.summary.writer.record_writer import RecordWriter
+        except ImportError:
+            raise GradwatchError(_MISSING) from None
+        return SimpleNamespace(Event=event_pb2.Event, Summary=summary_pb2.Summary, HistogramProto=summary_pb2.HistogramProto,
+                               SummaryMetadata=summary_pb2.SummaryMetadata, TensorProto=tensor_pb2.TensorProto,
+                               TensorShapeProto=tensor_shape_pb2.TensorShapeProto, DT_STRING=types_pb2.DT_STRING,
+                               RecordWriter=RecordWriter)
+
+    def __init__(self, logdir: Path, tb: Any = None, suffix: str = ""):
+        # The tensorboard package's own EventFileWriter would import TensorFlow where it is installed (its
+        # tf.io.gfile), seconds and a gigabyte in a training process; its RecordWriter on a plain file writes
+        # the same records.
+        self.tb = tb or self.protos()
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_uids)}{suffix}"
+        self.path = Path(logdir) / name
+        self._records = self.tb.RecordWriter(open(self.path, "wb"))
+        self._records.write(self.tb.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        self._records.flush()
+
+    def _add(self, values: list, step: int, walltime: float | None) -> None:
+        """One event holding ``values`` at ``step``; no wall time means now."""
+        event = self.tb.Event(wall_time=time.time() if walltime is None else walltime, step=step,
+                              summary=self.tb.Summary(value=values))
+        self._records.write(event.SerializeToString())
+
+    def scalars(self, steps: np.ndarray, walltime: np.ndarray, step_values: dict[str, np.ndarray],
+                layer_values: dict[str, np.ndarray], names: Sequence[str], extra: dict[str, np.ndarray] | None = None) -> None:
+        """Step scalars by name, ``<metric>/<layer>`` for the columns of ``layer_values`` (one per name of
+        ``names``), and ``extra`` scalars; NaN values are left out. One event per step carrying all of that
+        step's scalars: the same records TensorBoard reads from add_scalar, at a seventh of the cost."""
+        Value = self.tb.Summary.Value
+        series = {**step_values, **(extra or {})}
+        for row, step in enumerate(np.asarray(steps).tolist()):
+            values = [Value(tag=m, simple_value=float(v[row])) for m, v in series.items() if not np.isnan(v[row])]
+            for m, v in layer_values.items():
+                line = v[row]
+                for i in np.flatnonzero(~np.isnan(line)).tolist():
+                    values.append(Value(tag=f"{m}/{names[i]}", simple_value=float(line[i])))
+            if values:
+                self._add(values, int(step), float(walltime[row]))
+
+    def histograms(self, hsteps: np.ndarray, walltime: Sequence[float | None], counts: np.ndarray, edges: np.ndarray,
+                   names: Sequence[str]) -> None:
+        """``grad_log10_abs/<layer>`` at each step of ``hsteps`` (``counts``: steps x layers x bins)."""
+        for k, step in enumerate(np.asarray(hsteps).tolist()):
+            for i, name in enumerate(names):
+                h = _histogram(counts[k, i], edges)
+                if h is not None:
+                    value = self.tb.Summary.Value(tag=f"{HIST_TAG}/{name}", histo=self.tb.HistogramProto(**h))
+                    self._add([value], int(step), walltime[k])
+
+    def text(self, tag: str, text: str, step: int, walltime: float | None = None) -> None:
+        """A text summary (TensorBoard's Text tab) at ``step``."""
+        tb = self.tb
+        meta = tb.SummaryMetadata(plugin_data=tb.SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = tb.TensorProto(dtype=tb.DT_STRING, string_val=[text.encode()],
+                                tensor_shape=tb.TensorShapeProto(dim=[tb.TensorShapeProto.Dim(size=1)]))
+        self._add([tb.Summary.Value(tag=tag, metadata=meta, tensor=tensor)], int(step), walltime)
+
+    def flush(self) -> None:
+        """Hand everything added so far to the file (a reader sees it after this)."""
+        self._records.flush()
+
+    def close(self) -> None:
+        if not self._records.closed:
+            try:
+                self._records.flush()
+            finally:
+                self._records.close()
