@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-# The unit tests alone (rules, derivation, store, probe, guards): about a minute.
+# The unit tests alone (rules, derivation, store, probe, guards, forensics, sinks): about a minute and a half.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 

@@ -484,7 +484,7 @@ def test_gradwatch_run_localises_an_unmodified_script(tmp_path: Path) -> None:
 
 
 DDP_SCRIPT = """
-import json, sys
+import json, os, sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -510,6 +510,11 @@ def rank_main(rank, tmp):
             opt.step()
             w.log(loss=loss)
     dist.destroy_process_group()
+    # The record is written. Leave without interpreter teardown: under load a still-joinable gloo
+    # thread can abort the process there ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
@@ -519,12 +524,18 @@ if __name__ == "__main__":
 
 @pytest.mark.integration
 def test_data_parallel_each_rank_localises_its_batch_and_rank_0_records_all(tmp_path: Path) -> None:
+    import shutil
     import subprocess
     import sys
 
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
-    res = subprocess.run([sys.executable, "ddp.py", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=180)
+    for attempt in range(2):  # a gloo abort at a rank's teardown (a signal, not an error of gradwatch's) is retried once
+        for old in (tmp_path / "run", tmp_path / "run-rank1", tmp_path / "store"):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        res = subprocess.run([sys.executable, "ddp.py", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=180)
+        if res.returncode == 0 or "terminate called without an active exception" not in res.stderr:
+            break
     assert res.returncode == 0, res.stderr[-3000:]
     e = next(f for f in gw.load_run(tmp_path / "run").findings if f.kind == "nonfinite").evidence
     assert (e["module"], e["samples"], e["rank"]) == ("input", [2], 1)
