@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gradwatch as gw  # noqa: E402
 from gradwatch import forensics as fx  # noqa: E402
-from overhead import MODELS, Trainee, make_trainees, train_step  # noqa: E402
+from overhead import DEFAULT_MODELS, MODELS, Trainee, make_trainees, train_step  # noqa: E402
 
 METHODS = ["unmonitored", "gradwatch, forensics off", "gradwatch, forensics on", "detect_anomaly always on"]
 
@@ -137,7 +137,7 @@ def replay_cost(t: Trainee, workdir: Path) -> tuple[float, float, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few steps: checks that it runs")
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=50, help="steps per timed window")
     ap.add_argument("--direct", type=int, default=200, help="steps for the direct timing of forensics' work")
