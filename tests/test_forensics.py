@@ -543,3 +543,68 @@ def test_data_parallel_each_rank_localises_its_batch_and_rank_0_records_all(tmp_
     assert (ranks[1]["module"], ranks[1]["samples"]) == ("input", [2])
     assert ranks[0]["module"] is None and ranks[0]["replay_note"].startswith("the replay stayed finite")
     assert "on rank 1" in next(f for f in gw.load_run(tmp_path / "run").findings if f.kind == "nonfinite").summary
+
+
+class TwoParts(nn.Module):
+    """A model whose training step calls its parts, as a LightningModule's training_step calls self.net."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.head = nn.Linear(8, 1)
+
+
+def _parts_run(tmp_path: Path, between: bool) -> dict:
+    torch.manual_seed(0)
+    model = TwoParts()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = positive_batches(8)
+    batches[5][0][3, :] = -1e4 if between else float("nan")  # between: enc's tanh is exactly -1 in row 3
+    with gw.watch(model, opt, out=tmp_path / "r", quiet=True, report=False) as w:
+        for x, y in batches:
+            h = model.enc(x)
+            if between:
+                h = torch.log(h + 1.0)  # the training step's own code: -inf where tanh reached -1
+            loss = F.mse_loss(model.head(h), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    return next(f for f in gw.load_run(tmp_path / "r").findings if f.kind == "nonfinite").evidence
+
+
+def test_a_training_step_that_calls_the_models_parts_is_localised_in_them(tmp_path: Path) -> None:
+    e = _parts_run(tmp_path, between=False)
+    assert (e["module"], e["samples"], e["replayed"]) == ("input", [3], True)  # enc's input: the batch
+    e = _parts_run(tmp_path / "b", between=True)
+    assert (e["module"], e["before"], e["samples"], e["value"]) == (None, "head", [3], "Inf")
+    f = next(f for f in gw.load_run(tmp_path / "b" / "r").findings if f.kind == "nonfinite")
+    assert "Inf was made by the training step's own code before `head`" in f.summary and "sample 3 " in f.summary
+
+
+@pytest.mark.integration
+def test_a_lightning_training_step_calling_its_net_is_localised(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradwatch.lightning import GradWatch
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+
+        def training_step(self, batch, i):  # type: ignore[no-untyped-def]
+            x, y = batch
+            return F.mse_loss(self.net(x), y)  # the net, not self(x): the LightningModule's forward never runs
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 4) + 1.0, torch.randn(64, 1)
+    x[45, 2] = float("nan")  # batch 5 (of 8), its row 5
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[GradWatch(out=tmp_path / "lit", quiet=True, report=False)])
+    trainer.fit(Module(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    e = next(f for f in gw.load_run(tmp_path / "lit").findings if f.kind == "nonfinite").evidence
+    assert (e["module"], e["samples"], e["replayed"]) == ("input", [5], True)

@@ -132,10 +132,14 @@ class Forensics:
         self._dev = self.device.type if self.device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
         self._handles = [target.register_forward_pre_hook(self._pre, with_kwargs=True),
                          target.register_forward_hook(self._post)]
+        self._on_model = target is model  # not a compile wrapper: its children can be watched instead
+        self._children = False  # watching the model's children (its own forward was not called)
+        self._seen_model = False  # the model's own forward was seen in some step
+        self._missed = 0  # steps with gradients and no forward of the model
 
     # -- keeping the step (every step: references and host calls only) --------------------------
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict, prefix: str | None = None) -> None:
         if self.replaying or torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return
         if len(self.forwards) >= MAX_FORWARDS:
@@ -146,7 +150,7 @@ class Forensics:
         versions = [(t, t._version) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
         self.forwards.append(Capture(args, dict(kwargs), torch.get_rng_state(), cuda_rng,
                                      (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)),
-                                     self.model.training, versions))
+                                     module.training if prefix else self.model.training, versions, prefix=prefix))
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.replaying or torch.compiler.is_compiling() or not self.forwards or self.forwards[-1].outputs_seen:
@@ -158,6 +162,25 @@ class Forensics:
         cap.grads = [None] * len(outs)
         for i, t in enumerate(outs):
             t.register_hook(functools.partial(cap.keep_grad, i, self.keep_grad_bytes))
+
+    def _watch_children(self) -> None:
+        """A step with gradients went by without the model's own forward: the training step calls its
+        parts (a LightningModule's ``training_step`` calling ``self.net(x)``). Keep the forwards of
+        the model's direct children from now on, each replayed as the submodule it is."""
+        self._children = True
+        children = list(self.model.named_children())
+        if not children or len(children) > MAX_FORWARDS:  # a ModuleList of layers run by hand: too many hooks a step
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for name, child in children:
+            self._handles.append(child.register_forward_pre_hook(functools.partial(self._child_pre, name),
+                                                                 with_kwargs=True))
+            self._handles.append(child.register_forward_hook(self._post))
+
+    def _child_pre(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._pre(module, args, kwargs, prefix=name)
 
     def drop_step(self) -> None:
         """A step GradScaler skipped (an overflow it handles itself): forget its forwards."""
@@ -171,6 +194,11 @@ class Forensics:
             return
         forwards, dropped = self.forwards, self.dropped
         self.forwards, self.dropped = [], 0
+        self._seen_model = self._seen_model or len(forwards) > 0  # a list: no device value
+        if not forwards and not self._children and not self._seen_model and self._on_model:
+            self._missed += 1  # two in a row: under `gradwatch run` the hooks go on inside the first step
+            if self._missed >= 2:
+                self._watch_children()
         self.poll(step)
         if self.done or not norms:
             return
@@ -256,17 +284,32 @@ class Forensics:
     def _search(self, p: Pending, intact: bool, result: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
         """Each kept forward in turn, replayed (or, with the weights gone, its batch checked) until one
         shows where the value came from; that answer merged into ``result``."""
+        # The model's parts called by the training step: a part whose input is already non-finite while
+        # the parts before it made finite outputs got it from the training step's own code between them.
+        later = next((c for c in p.forwards[1:] if c.prefix and check_inputs(c) is not None), None)
+        if later is not None:
+            seen = check_inputs(later) or {}
+            between = {"before": later.prefix, "samples": seen.get("samples"), "value": seen.get("value"),
+                       "batch": seen.get("batch")}
         for i, cap in enumerate(p.forwards):
+            if cap is later:
+                result.update(between)
+                return between
             if overwritten(cap):
                 notes.append("the kept batch was overwritten in place before it could be replayed "
                              "(a loader that reuses its buffers)")
                 continue
             if intact:
-                found = replay_forward(self.model, cap, self.params, self.device, self.root, self._loss())
+                model = self.model.get_submodule(cap.prefix) if cap.prefix else self.model
+                found = replay_forward(model, cap, self.params, self.device, cap.prefix or self.root, self._loss(),
+                                       cap.prefix)
                 result["replayed"] = True
             else:
                 found = check_inputs(cap) or {}
                 notes.append(WHY_LATE.format(step=p.step))
+            if later is not None and found.get("module") is None and (found.get("op") or {}).get("loss"):
+                result.update(between)  # the part's output gradient came back non-finite from that code
+                return between
             if found.get("note"):
                 notes.append(found.pop("note"))
             if found.get("module") is not None or found.get("op") is not None:
@@ -282,8 +325,8 @@ class Forensics:
     def _nothing_found(self, p: Pending, replayed: bool) -> str | None:
         if not p.forwards:
             return (f"no forward of the model ({type(self.model).__name__}) with gradients on was seen in step {p.step} "
-                    "(a trainer that calls parts of it, a model compiled in place, or the first step under "
-                    "`gradwatch run`, before its hooks were on)")
+                    "(a model compiled in place, the first two steps of a training step that calls the model's "
+                    "parts rather than the model, or the first step under `gradwatch run`, before its hooks were on)")
         if p.dropped:
             return f"only the first {MAX_FORWARDS} forwards of step {p.step} were kept, and they stayed finite"
         if replayed:

@@ -51,6 +51,9 @@ class Capture:
     #: Outputs whose gradient was not kept, being larger than the limit (their size in bytes).
     too_big: int = 0
     outputs_seen: bool = False
+    #: The path of the submodule whose forward this was, when the model's own forward is not what the
+    #: training step calls (a LightningModule's training_step calling ``self.net(x)``); None: the model's.
+    prefix: str | None = None
 
     def keep_grad(self, i: int, limit: int, grad: torch.Tensor) -> None:
         """A tensor hook on output ``i``: keep a reference to its gradient (returns None: unchanged)."""
@@ -109,7 +112,7 @@ class _ForwardWatch(TorchFunctionMode):
     """The replayed forward's module stack, first non-finite module output and op, and the module
     that made each autograd node."""
 
-    def __init__(self, model: nn.Module, batch: int | None, root: str):
+    def __init__(self, model: nn.Module, batch: int | None, root: str, prefix: str | None = None):
         super().__init__()
         self.batch = batch
         self.root = root
@@ -123,7 +126,7 @@ class _ForwardWatch(TorchFunctionMode):
         self._handles = []
         self.types: dict[str, str] = {}  # module path -> its class name
         for name, m in model.named_modules():
-            label = name or root
+            label = (f"{prefix}.{name}" if name else prefix) if prefix else (name or root)
             self.types[label] = type(m).__name__
             self._handles.append(m.register_forward_pre_hook(self._enter(label, m is model), with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._leave(label), always_call=True))
@@ -309,7 +312,7 @@ def overwritten(cap: Capture) -> bool:
 
 
 def replay_forward(model: nn.Module, cap: Capture, params: list[torch.Tensor], device: torch.device,
-                   root: str, loss: str | None = None) -> dict[str, Any]:
+                   root: str, loss: str | None = None, prefix: str | None = None) -> dict[str, Any]:
     """Run ``cap``'s forward (and, if it stays finite, its backward) again; what was found. ``loss``
     names the loss function (its autograd node), for a gradient already non-finite when it left it."""
     batch = batch_size(cap)
@@ -317,7 +320,7 @@ def replay_forward(model: nn.Module, cap: Capture, params: list[torch.Tensor], d
     dev, enabled, dtype = cap.autocast
     with _Restored(model, cap, device), torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fw = _ForwardWatch(model, batch, root)  # its hooks the only forward hooks of the replay
+        fw = _ForwardWatch(model, batch, root, prefix)  # its hooks the only forward hooks of the replay
         try:
             with torch.autograd.detect_anomaly(check_nan=True), torch.autocast(dev, dtype=dtype, enabled=enabled), fw:
                 out = model(*cap.args, **cap.kwargs)

@@ -92,7 +92,7 @@ def _after_first_logged(loss: np.ndarray) -> np.ndarray:
 
 
 #: Forensics fields copied into the evidence when present (beyond module, samples, op, replayed).
-EXTRA = ("module_type", "value", "batch", "samples_total", "forward", "forwards", "weights_nonfinite",
+EXTRA = ("module_type", "before", "value", "batch", "samples_total", "forward", "forwards", "weights_nonfinite",
          "norm_overflow_step", "anomaly", "rank", "ranks")
 #: Ops whose input has a forbidden region below zero (log of a negative number is NaN).
 _DOMAIN = ("log", "log2", "log10", "log1p", "sqrt", "rsqrt", "pow", "acos", "asin", "acosh", "atanh", "lgamma")
@@ -149,6 +149,9 @@ def forensics_sentence(found: dict, step: int) -> str | None:
     rank = f" on rank {found['rank']}" if found.get("rank") is not None and found.get("ranks") else ""
     if module == "input":
         return f"the batch itself held {value}{at}{rank}{_samples(found)}"
+    if found.get("before"):  # the training step calls the model's parts; the value was made between them
+        return (f"{value} was made by the training step's own code before `{found['before']}` (its input was "
+                f"already non-finite while the model's parts run before it stayed finite){at}{rank}{_samples(found)}")
     if module is not None:
         how = _operand(op) if op.get("phase") == "forward" else ""
         if not how and found.get("weights_nonfinite"):
