@@ -23,16 +23,17 @@ Chart names (the same in every sink; W&B and MLflow put ``gradwatch/`` in front)
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .errors import GradwatchError
 from .store import AMP_METRICS, GUARD_METRICS, STEP_METRICS, Chunk, LayerInfo, hist_edges
+from .report.tensorboard import created_at
 from .store.run import Run, _StreamData
 
 #: Per-layer metrics that chosen layers get charts of.
@@ -82,6 +83,17 @@ class Window:
     def edges(self) -> np.ndarray:
         return hist_edges()
 
+    def scalars(self, idx: Sequence[int]) -> Iterator[tuple[int, int, dict[str, float]]]:
+        """Per row: its index, its step and its recorded scalars by chart name (the step metrics, the
+        over-layers summaries, the per-layer metrics of layers ``idx``); values not recorded left out."""
+        names = [self.layers[i].name for i in idx]
+        series = {**self.step_values, **self.over_layers}
+        for row, step in enumerate(self.steps.tolist()):
+            values = {m: float(v[row]) for m, v in series.items() if v[row] == v[row]}
+            for m, v in self.layer_values.items():
+                values.update({layer_tag(m, n): x for n, x in zip(names, v[row, idx].tolist()) if x == x})
+            yield row, step, values
+
     def walltime_at(self, step: int) -> float | None:
         row = int(np.searchsorted(self.steps, step))
         return float(self.walltime[row]) if row < len(self.steps) and self.steps[row] == step else None
@@ -111,13 +123,6 @@ class LayerChoice:
             weights = [i for i, layer in enumerate(layers) if len(layer.shape) >= 2] or list(range(len(layers)))
             chosen |= {weights[0], weights[-1]} if weights else set()
         return sorted(chosen)
-
-
-def _created(meta: dict[str, Any]) -> float:
-    try:
-        return datetime.strptime(str(meta.get("created")), "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except ValueError:
-        return 0.0
 
 
 #: Rows a stream may hold back waiting for the other streams (an optimizer that steps far more often
@@ -171,8 +176,11 @@ class Merger:
                 for stat, fn in zip(OVER_STATS, (np.nanmin, np.nanmedian, np.nanmax)):
                     over[over_layers_tag(m, stat)] = fn(v, axis=1) if v.shape[1] else np.full(len(v), np.nan)
         hsteps, hist, _ = run.histograms()
-        t = run.step_series("time").astype(np.float64)
-        return Window(steps=run.steps, walltime=_created(meta) + np.where(np.isfinite(t), t, 0.0),
+        t = np.nan_to_num(run.step_series("time").astype(np.float64), nan=0.0)
+        start = created_at(meta)
+        if start is None:  # the run is going on: its start is now less the time it has recorded
+            start = time.time() - float(t.max(initial=0.0))
+        return Window(steps=run.steps, walltime=start + t,
                       step_values=step_values, layers=list(run.layers), layer_values=layer_values,
                       over_layers=over, hist_steps=hsteps, hist=hist, named=named)
 

@@ -54,11 +54,18 @@ _MISSING = (
 )
 
 
+def created_at(meta: dict) -> float | None:
+    """The run's start (``meta.json``'s ``created``) in seconds since the epoch, or None if unreadable."""
+    try:
+        return datetime.strptime(str(meta.get("created")), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return None
+
+
 def _walltimes(run: Run) -> np.ndarray:
     """Seconds since the epoch for each recorded step: the run's start plus its ``time`` series."""
-    try:
-        base = datetime.strptime(str(run.meta.get("created")), "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except ValueError:
+    base = created_at(run.meta)
+    if base is None:
         base = (run.path / "meta.json").stat().st_mtime if (run.path / "meta.json").exists() else 0.0
     t = run.step_series("time").astype(np.float64)
     # Steps without a time (never, today) take the last known one; time never runs backwards.

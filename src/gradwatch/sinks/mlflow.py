@@ -18,6 +18,7 @@ become ``_``. Tags: ``gradwatch.run_dir``, ``gradwatch.findings`` (the kinds), a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import sys
 
 from ..findings import Finding
 from ..sinks_hub import RunContext, RunEnd, Sink
-from ..sinks_window import Window, finding_text, layer_tag
+from ..sinks_window import Window, finding_text
 
 PREFIX = "gradwatch/"
 #: MLflow's limit of metrics in one log_batch call.
@@ -33,6 +34,7 @@ BATCH = 1000
 _BAD = re.compile(r"[^\w\-. /:]")
 
 
+@functools.lru_cache(maxsize=65536)  # the same few hundred chart names, every row of every window
 def metric_name(tag: str) -> str:
     return _BAD.sub("_", PREFIX + tag)
 
@@ -78,18 +80,11 @@ class MlflowSink(Sink):
         return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
 
     def write(self, window: Window) -> None:
-        idx = self.layers.pick(window.layers, window.named)
-        names = [window.layers[i].name for i in idx]
         Metric = self._Metric
         metrics = []
-        series = {**window.step_values, **window.over_layers}
-        keys = {m: metric_name(m) for m in series}
-        layer_keys = {m: [metric_name(layer_tag(m, n)) for n in names] for m in window.layer_values}
-        for row, step in enumerate(window.steps.tolist()):
+        for row, step, values in window.scalars(self.layers.pick(window.layers, window.named)):
             ms = int(window.walltime[row] * 1000)
-            metrics += [Metric(keys[m], float(v[row]), ms, step) for m, v in series.items() if v[row] == v[row]]
-            for m, v in window.layer_values.items():
-                metrics += [Metric(k, x, ms, step) for k, x in zip(layer_keys[m], v[row, idx].tolist()) if x == x]
+            metrics += [Metric(metric_name(tag), v, ms, step) for tag, v in values.items()]
         for i in range(0, len(metrics), BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + BATCH], synchronous=True)
         self._step = int(window.steps[-1])

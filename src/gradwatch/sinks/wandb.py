@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from ..findings import Finding
 from ..report.tensorboard import finite_histogram
 from ..sinks_hub import RunContext, RunEnd, Sink
-from ..sinks_window import Window, finding_text, hist_tag, layer_tag
+from ..sinks_window import Window, finding_text, hist_tag
 
 PREFIX = "gradwatch/"
 LEVELS = {"info": "INFO", "warning": "WARN", "error": "ERROR"}
@@ -90,13 +90,9 @@ class WandbSink(Sink):
         idx = self.layers.pick(window.layers, window.named)
         names = [window.layers[i].name for i in idx]
         hist_row = {s: k for k, s in enumerate(window.hist_steps.tolist())}
-        series = {**window.step_values, **window.over_layers}
-        for row, step in enumerate(window.steps.tolist()):
+        for _, step, values in window.scalars(idx):
             data: dict[str, Any] = {PREFIX + "step": step}
-            data.update({PREFIX + m: float(v[row]) for m, v in series.items() if v[row] == v[row]})
-            for m, v in window.layer_values.items():
-                line = v[row, idx]
-                data.update({PREFIX + layer_tag(m, n): float(x) for n, x in zip(names, line.tolist()) if x == x})
+            data.update({PREFIX + tag: v for tag, v in values.items()})
             k = hist_row.get(step)
             if k is not None:
                 for n, i in zip(names, idx):
