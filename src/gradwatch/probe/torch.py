@@ -44,7 +44,7 @@ from ..errors import GradwatchError
 from ..store import Chunk, LayerInfo
 from .derive import HostRows, derive, fold_exponent_counts
 from .distributed import WindowReducer, local_tensor, world
-from .kernels import ParamGroup, exact_moments, exponent_counts, global_norm, l2_norms, per_tensor_norms
+from .kernels import ParamGroup, exponent_counts, global_norm, l2_norms, moments, per_tensor_norms
 from .layers import ACTIVATION_TYPES, OUTPUT_ACTIVATION_TYPES, build_layer_table, following_activations
 from .layout import SHORT_RUN_STEPS, ProbeConfig, RingLayout, max_sampled_in_window
 from .ring import RingBuffer
@@ -202,7 +202,7 @@ class TorchProbe:
                     all_grads += grads
                     all_norms.append(norms)
                 if sampled:
-                    self._grad_details(ring_row, hrow, key, ids, grads)
+                    self._grad_details(ring_row, hrow, key, ids, grads, norms)
             if sampled:
                 self._weight_details(ring_row, gi, group)
                 snapshot.append(group.take_snapshot())
@@ -222,13 +222,12 @@ class TorchProbe:
         if sampled:
             host.hist_steps.append(step)
 
-    def _grad_details(
-        self, ring_row: torch.Tensor, hrow: int, key: tuple, ids: list[int], grads: list[torch.Tensor]
-    ) -> None:
+    def _grad_details(self, ring_row: torch.Tensor, hrow: int, key: tuple, ids: list[int],
+                      grads: list[torch.Tensor], norms: torch.Tensor) -> None:
         group = self._groups[key[0]]
-        moments = [exact_moments(g, group.scratch, group.scratch64) for g in grads]
-        self._put(ring_row, "g_sum", key, ids, [m[0] for m in moments])
-        self._put(ring_row, "g_cnorm", key, ids, [m[1] for m in moments])
+        sums, cnorms = moments(grads, norms, group)
+        self._put(ring_row, "g_sum", key, ids, sums)
+        self._put(ring_row, "g_cnorm", key, ids, cnorms)
         # aminmax raises on empty tensors: those keep NaN for min and max.
         full = [(i, g) for i, g in zip(ids, grads) if g.numel()]
         if full:
@@ -236,13 +235,14 @@ class TorchProbe:
             fids = [i for i, _ in full]
             self._put(ring_row, "g_min", ("mm", *key), fids, [m.min for m in mm])
             self._put(ring_row, "g_max", ("mm", *key), fids, [m.max for m in mm])
-        self._buffer.put_hist(hrow, key, ids, [exponent_counts(g, group.scratch) for g in grads])
+        self._buffer.put_hist(hrow, key, ids, [exponent_counts(g, group.scratch, group.scratch8) for g in grads])
 
     def _weight_details(self, ring_row: torch.Tensor, gi: int, group: ParamGroup) -> None:
-        moments = [exact_moments(w, group.scratch, group.scratch64) for w in group.weights]
-        self._put(ring_row, "w_norm", ("w", gi), group.layer_ids, l2_norms(group.weights))
-        self._put(ring_row, "w_sum", ("w", gi), group.layer_ids, [m[0] for m in moments])
-        self._put(ring_row, "w_cnorm", ("w", gi), group.layer_ids, [m[1] for m in moments])
+        weights = group.weights
+        norms = self._put(ring_row, "w_norm", ("w", gi), group.layer_ids, l2_norms(weights))
+        sums, cnorms = moments(weights, norms, group)
+        self._put(ring_row, "w_sum", ("w", gi), group.layer_ids, sums)
+        self._put(ring_row, "w_cnorm", ("w", gi), group.layer_ids, cnorms)
 
     @torch.no_grad()
     def on_after_optimizer_step(self) -> None:
