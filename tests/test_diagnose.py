@@ -266,3 +266,28 @@ def test_a_remedy_reads_as_the_call_it_stands_for() -> None:
     assert gw.Remedy("clip_norm", {"max_norm": 1.0}).call() == "clip_norm(max_norm=1.0)"
     assert gw.Remedy("swap_activation", {"from": "Sigmoid", "to": "ReLU"}).call() == "swap_activation(from=Sigmoid, to=ReLU)"
     assert gw.Remedy("check_graph").call() == "check_graph()"
+
+
+def test_nanmedian_is_numpys_on_every_shape_axis_and_special_value() -> None:
+    """diagnose.facts.nanmedian (one sort, no masked arrays) gives exactly np.nanmedian: NaN and
+    +-inf values, all-NaN and empty slices, every axis."""
+    import warnings
+
+    from gradwatch.diagnose.facts import nanmedian
+
+    rng = np.random.default_rng(0)
+    compared = 0
+    for _ in range(600):
+        shape = tuple(int(d) for d in rng.integers(0, 6, size=rng.integers(1, 4)))
+        x = rng.normal(size=shape)
+        u = rng.random(shape)
+        x[u < 0.3], x[u > 0.95], x[(u > 0.9) & (u <= 0.95)] = np.nan, np.inf, -np.inf
+        for axis in [None, *range(-x.ndim, x.ndim)]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                expected = np.nanmedian(x, axis=axis)
+            got = nanmedian(x, axis=axis)
+            assert np.shape(got) == np.shape(expected)
+            np.testing.assert_array_equal(got, expected)
+            compared += 1
+    assert compared > 2000

@@ -121,3 +121,56 @@ def test_conv_activation_extremes_reduce_in_place(tmp_path: Path) -> None:
     assert dead[0, run.layer_index("0.weight")] == pytest.approx(3 / 8)
     assert const[0, run.layer_index("2.weight")] == pytest.approx(1 / 4)
     assert np.isfinite(dead[1]).any()
+
+
+class _Clock:
+    """A stand-in for the session's clock: training and diagnosis advance it by what they "take"."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    @staticmethod
+    def strftime(fmt: str) -> str:
+        import time
+
+        return time.strftime(fmt)
+
+
+@pytest.mark.parametrize("diagnosis_s, expected", [(0.0, 10), (0.05, 2)])
+def test_online_diagnosis_keeps_to_its_time_budget(diagnosis_s: float, expected: int, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free diagnoses run after every window (of the first 20), as before; ones that cost more than
+    ONLINE_TIME_SHARE of the run's time run after the first two windows only, and then once
+    ONLINE_MAX_WAIT_S have passed since the last one."""
+    import gradwatch.session as session
+    from gradwatch import finish
+
+    clock = _Clock()
+    monkeypatch.setattr(session, "time", clock)
+    calls: list[float] = []
+
+    def diagnose(*args: object, **kwargs: object) -> bool:
+        calls.append(clock.now)
+        clock.now += diagnosis_s
+        return True
+
+    monkeypatch.setattr(finish, "diagnose_so_far", diagnose)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(4, 3)
+    with gw.watch(model, opt, out=tmp_path / "run", flush_every=5, report=False, summary=False):
+        for step in range(51):  # 10 windows of 5 steps, 10 ms a step (a window is stored at the next step)
+            clock.now += 0.01
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        assert len(calls) == expected
+        clock.now += session.ONLINE_MAX_WAIT_S  # long enough since the last one: the next window is diagnosed
+        for step in range(5):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        assert len(calls) == expected + 1

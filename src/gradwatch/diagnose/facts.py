@@ -9,7 +9,6 @@ true but harmless fact is info, not a warning). Nothing here imports a framework
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,9 +41,24 @@ class RunLike(Protocol):
 
 
 def nanmedian(x: np.ndarray, axis: int | None = None) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: not computed there
-        return np.nanmedian(x, axis=axis)
+    """``np.nanmedian`` (NaN for an all-NaN slice, no warning), by one sort: numpy's own goes through
+    masked arrays for the small slices diagnosis takes, where it was a third of a diagnosis' time."""
+    a = np.asarray(x, dtype=np.float64)
+    if axis is None:
+        a, axis = a.reshape(-1), 0
+    if a.ndim == 0:
+        return a[()]
+    a = np.sort(np.moveaxis(a, axis, 0), axis=0)  # NaN sorts last
+    if a.shape[0] == 0:
+        med = np.full(a.shape[1:], np.nan)
+        return med[()] if med.ndim == 0 else med
+    n = (~np.isnan(a)).sum(axis=0)
+    lo = np.take_along_axis(a, np.maximum((n - 1) // 2, 0)[None], axis=0)[0]
+    hi = np.take_along_axis(a, np.minimum(n // 2, a.shape[0] - 1)[None], axis=0)[0]
+    with np.errstate(invalid="ignore"):  # inf and -inf in the middle: NaN, as numpy's mean of the two
+        med = np.where(n % 2 == 1, lo, (lo + hi) / 2)
+    med = np.where(n > 0, med, np.nan)
+    return med[()] if med.ndim == 0 else med
 
 
 def early(run: RunLike) -> slice:

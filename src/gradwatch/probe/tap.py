@@ -167,11 +167,12 @@ class ActivationTap:
                 acc = self._accumulators(t, units, x.device)
                 if acc is None or units != acc.unit_max.shape[0] or x.device != acc.unit_max.device:
                     return  # not the layout the weight implies, or the model moved: no statistic (the next attach re-allocates)
-                if unit_dim == x.dim() - 1:
-                    lo, hi = torch.aminmax(x.reshape(-1, units), dim=0)
+                if x.dim() == 1:
+                    lo = hi = x  # one value per unit
                 else:
-                    # Channels in the middle (ConvNd): reduce the other axes in place. Moving the channel
-                    # axis first would copy the whole output (16x slower on a 64x32x32x32 conv output).
+                    # Reduce every other axis in place with amin and amax: moving the unit axis first
+                    # copies the whole output (16x slower on a 64x32x32x32 conv output), and aminmax
+                    # over a leading axis is 8x slower than the two of them (torch 2.13, CPU).
                     others = tuple(d for d in range(x.dim()) if d != unit_dim)
                     lo, hi = x.amin(dim=others), x.amax(dim=others)
                 torch.maximum(acc.unit_max, hi.to(acc.unit_max.dtype), out=acc.unit_max)
