@@ -174,3 +174,34 @@ def test_online_diagnosis_keeps_to_its_time_budget(diagnosis_s: float, expected:
             model(x).sum().backward()
             opt.step()
         assert len(calls) == expected + 1
+
+
+@pytest.mark.parametrize("case", ["plain", "accumulation", "bf16 autocast", "guards"])
+def test_recorded_grad_norms_are_clip_grad_norms_own_bit_for_bit(case: str, tmp_path: Path) -> None:
+    """Of what reaches optimizer.step() (the sum of the micro-batches' gradients; under autocast the
+    float32 gradients), the norms clip_grad_norm_ computes (one _foreach_norm), bit for bit: the
+    sampled step's cheaper moments change nothing here (torch.dot would have been 30% cheaper on
+    the CPU but moves norms by ~2e-6 relative: benchmarks/norm_floor.py, docs/performance.md)."""
+    torch.manual_seed(0)
+    model = Wide()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    seen: list[list[torch.Tensor]] = []
+    opt.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in model.parameters()]) and None)
+    x, y = torch.randn(64, 300), torch.randint(0, 3, (64,))
+    guards = [gw.guards.ClipNorm(1e9)] if case == "guards" else None
+    with gw.watch(model, opt, out=tmp_path / "run", quiet=True, report=False, guards=guards, sample_every=2):
+        for _ in range(4):
+            opt.zero_grad()
+            for part in ((x[:32], y[:32]), (x[32:], y[32:])) if case == "accumulation" else ((x, y),):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16 autocast"):
+                    loss = nn.functional.cross_entropy(model(part[0]), part[1])
+                loss.backward()
+            opt.step()
+    run = gw.load_run(tmp_path / "run")
+    recorded = run.layer_series("grad_norm")
+    order = [run.layer_index(n) for n, _ in model.named_parameters()]
+    assert len(seen) == 4
+    for step, grads in enumerate(seen):
+        expected = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).numpy()
+        np.testing.assert_array_equal(recorded[step, order], expected)
+        np.testing.assert_allclose(recorded[step, order], [g.double().norm().item() for g in grads], rtol=1e-5)

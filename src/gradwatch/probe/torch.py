@@ -17,8 +17,9 @@ Raw quantities per layer (a parameter tensor):
 
 * every step: ``‖g‖₂``, one ``_foreach_norm`` per (device, dtype) group — the one pass over the
   gradients that every step pays for (RMS, the non-finite flag and the global norm derive from it);
-* sampled steps (every ``sample_every``, denser at the start): ``Σg`` in float64 and the centred
-  norm ``‖g − ḡ‖₂`` (exact mean and std), ``min g`` and ``max g`` (one ``aminmax``; ``abs().amax()``
+* sampled steps (every ``sample_every``, denser at the start): ``Σg`` and the centred norm
+  ``‖g − ḡ‖₂`` (exact in float64 up to 65536 elements; larger tensors from float32 partial sums and
+  ``‖g‖₂``, see :func:`.kernels.moments`), ``min g`` and ``max g`` (one ``aminmax``; ``abs().amax()``
   and ``_foreach_norm(ord=inf)`` were ~10x slower on the 2-core development CPU), a log2 histogram
   of ``|g|`` read from the float32 exponent bits (there ~5x cheaper than ``histc`` of ``log10``; its
   zero bin gives the zero fraction), the same moments of the weights, ``‖Δw‖₂`` of the real
