@@ -80,11 +80,12 @@ class ParamGroup:
         """The layers that have a dense gradient now: their ids, parameters and gradients (this
         rank's part of them)."""
         ids, params, grads = [], [], []
+        sharded = self._sharded
         for i, p in zip(self.layer_ids, self.params):
             g = p.grad
             if g is not None and not g.is_sparse:
                 ids.append(i)
-                grads.append(local_tensor(g))
+                grads.append(local_tensor(g) if sharded else g)
                 params.append(p)
         return ids, params, grads
 
