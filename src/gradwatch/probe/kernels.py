@@ -27,6 +27,14 @@ EXACT_MOMENTS_MAX = 1 << 16
 _PARTIAL = 1024  # elements per float32 partial sum of a large tensor
 
 
+def to_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers as a tensor on ``device`` without a blocking copy (from pinned memory on CUDA)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 class ParamGroup:
     """Layers whose parameters share a device and dtype: one foreach launch each."""
 
@@ -59,15 +67,11 @@ class ParamGroup:
         self._constants: dict[tuple[float, ...], torch.Tensor] = {}
 
     def constant(self, values: list[float]) -> torch.Tensor:
-        """``values`` as a float64 tensor on the group's device, copied there once (a step never
-        waits for a host-to-device copy)."""
+        """``values`` as a float64 tensor on the group's device, copied there once."""
         key = tuple(values)
         t = self._constants.get(key)
         if t is None:
-            host = torch.tensor(values, dtype=torch.float64)
-            if self.device.type == "cuda":
-                host = host.pin_memory()
-            t = self._constants[key] = host.to(self.device, non_blocking=True)
+            t = self._constants[key] = to_device(values, torch.float64, self.device)
         return t
 
     @property
@@ -228,7 +232,7 @@ def exponent_counts(g: torch.Tensor, scratch: torch.Tensor, scratch8: torch.Tens
     for c in _chunks(g):
         c32 = c if c.dtype == torch.float32 else c.to(torch.float32)
         shifted = torch.bitwise_right_shift(c32.view(torch.int32), 23, out=bits[: c32.numel()])
-        if c32.device.type == "cpu" and scratch8 is not None and scratch8.numel() >= c32.numel():
+        if c32.device.type == "cpu" and scratch8 is not None:
             # Narrowed to one byte, the (sign, exponent) word keeps just the exponent (two's complement
             # wraps the sign away), and bincount over bytes costs half what it does over int32 here.
             exp8 = scratch8[: c32.numel()].copy_(shifted)

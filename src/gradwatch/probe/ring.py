@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .kernels import to_device
 from .layout import (  # noqa: F401 - the layout's names, importable from here as before
     AMP_SCALE, AMP_SKIPPED, BLOCKS, COEF, EXP_BINS, GRAD_BLOCKS, GUARD_SLOTS, LOSS, LR, NORM_AFTER, SKIPPED, STEP_SLOTS,
     THRESHOLD, RingLayout, max_sampled_in_window,
@@ -54,10 +55,7 @@ class RingBuffer:
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         """An index tensor on the buffer's device without a blocking copy (pinned source on CUDA)."""
-        host = torch.tensor(values, dtype=torch.long)
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host.to(self.device)
+        return to_device(values, torch.long, self.device)
 
     # -- step slots (every write a queued device copy or fill: no host read) -------------------------
 
